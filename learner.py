@@ -1,0 +1,130 @@
+"""
+The base network of MAML, built from a config list of (name, params) layers.
+
+    config = [
+        ('conv2d', [64, 1, 3, 3, 2, 1]),   # [ch_out, ch_in, kernel, kernel, stride, padding]
+        ('bn', [64]),
+        ('relu', [True]),
+        ('flatten', []),
+        ('linear', [5, 64 * 14 * 14]),     # [out, in]
+    ]
+    net = Learner(config, imgc=1, imgsz=28)
+    logits = net(x)                        # its own parameters
+    logits = net(x, params=fast_weights)   # a dict {name: tensor} or a list, in parameter order
+
+The forward pass is a pure function of (x, params), so `torch.func.functional_call`, `grad` and
+`vmap` compose with it. Batch norm always normalises with the statistics of the batch it is
+given (the paper's transductive setting, also at test time) and keeps no running buffers. It is
+written from primitive ops on purpose: `F.batch_norm` in training mode under `vmap` gives
+second-order gradients about 1% off (pytorch/functorch#534).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BN_EPS = 1e-5
+
+# layers that own a (weight, bias) pair of parameters; the others are functions of x and their params
+_PARAMETRIC = {'conv2d', 'convt2d', 'linear', 'bn'}
+_ACTIVATIONS = {
+    'relu': lambda x, p: F.relu(x),
+    'leakyrelu': lambda x, p: F.leaky_relu(x, negative_slope=p[0] if p else 0.01),
+    'tanh': lambda x, p: torch.tanh(x),
+    'sigmoid': lambda x, p: torch.sigmoid(x),
+    'flatten': lambda x, p: x.flatten(1),
+    'reshape': lambda x, p: x.reshape(x.shape[0], *p),
+    'max_pool2d': lambda x, p: F.max_pool2d(x, p[0], p[1], p[2] if len(p) > 2 else 0),
+    'avg_pool2d': lambda x, p: F.avg_pool2d(x, p[0], p[1], p[2] if len(p) > 2 else 0),
+    'upsample': lambda x, p: F.interpolate(x, scale_factor=p[0], mode='nearest'),
+}
+LAYER_NAMES = sorted(_PARAMETRIC | set(_ACTIVATIONS))
+
+
+def batch_norm(x, weight, bias):
+    """Batch norm over every dim but the channel dim (1), with the batch's own statistics."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean = x.mean(dim=dims, keepdim=True)
+    var = (x - mean).square().mean(dim=dims, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + BN_EPS) * weight.view(shape) + bias.view(shape)
+
+
+class Learner(nn.Module):
+
+    def __init__(self, config, imgc, imgsz):
+        super().__init__()
+        self.config = [(name, list(param)) for name, param in config]
+        self.imgc, self.imgsz = imgc, imgsz
+        self.vars = nn.ParameterList()
+        for i, (name, param) in enumerate(self.config):
+            if name not in LAYER_NAMES:
+                raise ValueError(f"Learner config layer {i} is '{name}', which is not a known layer; "
+                                 f"use one of {', '.join(LAYER_NAMES)}.")
+            if name in ('conv2d', 'convt2d', 'linear'):
+                # conv2d weight is [out, in, k, k]; the seed stores convt2d as [in, out, k, k]
+                shape = param[:4] if name != 'linear' else param[:2]
+                w = torch.empty(*shape)
+                nn.init.kaiming_normal_(w)
+                out = param[1] if name == 'convt2d' else param[0]
+                self.vars.extend([nn.Parameter(w), nn.Parameter(torch.zeros(out))])
+            elif name == 'bn':
+                self.vars.extend([nn.Parameter(torch.ones(param[0])), nn.Parameter(torch.zeros(param[0]))])
+        self._first_param = []
+        n = 0
+        for name, _ in self.config:
+            self._first_param.append(n)
+            n += 2 if name in _PARAMETRIC else 0
+        self._check_shapes()
+
+    def _check_shapes(self):
+        """Run a dummy batch once so that a config whose layer sizes do not chain fails here, clearly."""
+        x = torch.zeros(2, self.imgc, self.imgsz, self.imgsz)
+        params = [p.detach() for p in self.vars]
+        with torch.no_grad():
+            for i in range(len(self.config)):
+                try:
+                    x = self._layer(i, x, params)
+                except RuntimeError as e:
+                    name, param = self.config[i]
+                    raise ValueError(f"Learner config layer {i} ('{name}', {param}) does not fit the "
+                                     f"input of shape {list(x.shape[1:])} it receives ({e}); "
+                                     f"change its params to match.") from None
+
+    def _layer(self, i, x, params):
+        name, p = self.config[i]
+        j = self._first_param[i]
+        if name == 'conv2d':
+            return F.conv2d(x, params[j], params[j + 1], stride=p[4], padding=p[5])
+        if name == 'convt2d':
+            return F.conv_transpose2d(x, params[j], params[j + 1], stride=p[4], padding=p[5])
+        if name == 'linear':
+            return F.linear(x, params[j], params[j + 1])
+        if name == 'bn':
+            return batch_norm(x, params[j], params[j + 1])
+        return _ACTIVATIONS[name](x, p)
+
+    def forward(self, x, params=None):
+        """x: [batch, imgc, imgsz, imgsz]; params: None (own), a dict by name, or a list in order."""
+        if params is None:
+            params = list(self.vars)
+        elif isinstance(params, dict):
+            params = [params[name] for name, _ in self.named_parameters()]
+        for i in range(len(self.config)):
+            x = self._layer(i, x, params)
+        return x
+
+    def __repr__(self):
+        return 'Learner(\n  ' + self.extra_repr().replace('\n', '\n  ') + '\n)'
+
+    def extra_repr(self):
+        lines = []
+        for name, p in self.config:
+            if name in ('conv2d', 'convt2d'):
+                ch_in, ch_out = (p[1], p[0]) if name == 'conv2d' else (p[0], p[1])
+                lines.append(f"{name}(ch_in={ch_in}, ch_out={ch_out}, k={p[2]}x{p[3]}, stride={p[4]}, padding={p[5]})")
+            elif name == 'linear':
+                lines.append(f"linear(in={p[1]}, out={p[0]})")
+            else:
+                lines.append(f"{name}({', '.join(map(str, p))})")
+        n = sum(p.numel() for p in self.parameters())
+        return '\n'.join(lines + [f"parameters: {n:,}"])

@@ -1,0 +1,151 @@
+"""
+The MAML meta-learner (Finn, Abbeel, Levine 2017, Algorithm 2), all tasks of a meta-batch at once.
+
+    maml = Meta(args, config)               # args: update_lr, meta_lr, n_way, k_spt, k_qry, task_num,
+                                            #       update_step, update_step_test, imgc, imgsz
+    accs = maml(x_spt, y_spt, x_qry, y_qry) # one meta-update; x_*: [task_num, setsz, c, h, w]
+    accs = maml.finetunning(x_spt, y_spt, x_qry, y_qry)   # evaluate, meta-parameters untouched
+
+    maml = Meta.from_checkpoint('checkpoints/best.pth')    # in a notebook
+    fast_weights = maml.adapt(x_spt, y_spt)                # one task: [setsz, c, h, w]
+    logits = maml.net(x_qry, params=fast_weights)
+
+Algorithm 2, line by line:
+    line 3   sample a batch of tasks                  -> the caller (the episode loaders)
+    lines 5-6 theta'_i = theta - alpha grad L_Ti(theta) -> `_inner_loop`, `update_step` times
+    line 8   query loss L_Ti(theta'_i)                -> `_task`
+    line 10  theta <- theta - beta grad sum_i L_Ti      -> `meta_update` (Adam, as in the paper)
+The loop over tasks (line 4) is `torch.func.vmap`. Inner gradients come from `torch.func.grad`,
+whose result stays differentiable with respect to theta, so `loss.backward()` yields the true
+second-order meta-gradient; with `first_order` they are detached (the paper's first-order MAML).
+"""
+import argparse
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from learner import Learner
+
+HPARAMS = ('update_lr', 'meta_lr', 'n_way', 'k_spt', 'k_qry', 'task_num',
+           'update_step', 'update_step_test', 'imgc', 'imgsz')
+
+
+class Meta(nn.Module):
+
+    def __init__(self, args, config):
+        super().__init__()
+        for name in HPARAMS:
+            setattr(self, name, getattr(args, name))
+        if self.update_step < 1 or self.update_step_test < 1:
+            raise ValueError(f"update_step ({self.update_step}) and update_step_test "
+                             f"({self.update_step_test}) must be at least 1.")
+        self.first_order = bool(getattr(args, 'first_order', False))
+        self.grad_clip = float(getattr(args, 'grad_clip', 0.0) or 0.0)
+        self.net = Learner(config, self.imgc, self.imgsz)
+        self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)
+
+    def hparams(self):
+        """The hyperparameters as a plain dict (what a checkpoint stores to rebuild this object)."""
+        return {**{name: getattr(self, name) for name in HPARAMS},
+                'first_order': self.first_order, 'grad_clip': self.grad_clip}
+
+    def _loss(self, params, x, y):
+        return F.cross_entropy(functional_call(self.net, params, (x,)), y)
+
+    def _accuracy(self, params, x, y):
+        return (functional_call(self.net, params, (x,)).argmax(-1) == y).float().mean()
+
+    def _inner_loop(self, params, x_spt, y_spt, steps, x_qry=None, y_qry=None):
+        """`steps` SGD steps on one task's support loss; with a query set, also its accuracy
+        before each step. Returns (adapted params, list of query accuracies)."""
+        accs = []
+        for _ in range(steps):
+            if x_qry is not None:
+                accs.append(self._accuracy(params, x_qry, y_qry))
+            grads = grad(self._loss)(params, x_spt, y_spt)
+            if self.first_order:
+                grads = {name: g.detach() for name, g in grads.items()}
+            params = {name: p - self.update_lr * grads[name] for name, p in params.items()}
+        return params, accs
+
+    def _task(self, params, x_spt, y_spt, x_qry, y_qry, steps, track_steps):
+        """One task: adapt on the support set, then the query loss and accuracy of the adapted net."""
+        tracked_query = (x_qry, y_qry) if track_steps else (None, None)
+        params, accs = self._inner_loop(params, x_spt, y_spt, steps, *tracked_query)
+        logits = functional_call(self.net, params, (x_qry,))
+        accs.append((logits.argmax(-1) == y_qry).float().mean())
+        return F.cross_entropy(logits, y_qry), torch.stack(accs)
+
+    def _batched(self, x_spt, y_spt, x_qry, y_qry, steps, track_steps):
+        params = dict(self.net.named_parameters())
+        task = lambda *data: self._task(params, *data, steps=steps, track_steps=track_steps)
+        return vmap(task)(x_spt, y_spt, x_qry, y_qry)
+
+    def meta_loss(self, x_spt, y_spt, x_qry, y_qry, track_steps=True):
+        """The differentiable meta-loss (mean over tasks of the query loss after `update_step`
+        inner steps) and the query accuracy, mean over tasks: after each inner step 0..update_step
+        when `track_steps`, else after the last only (one entry, and less work)."""
+        losses, accs = self._batched(x_spt, y_spt, x_qry, y_qry, self.update_step, track_steps)
+        return losses.mean(), accs.mean(0)
+
+    def meta_update(self, loss):
+        """Line 10 of Algorithm 2: one Adam step on the meta-parameters along -grad(loss)."""
+        self.meta_optim.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip > 0:
+            nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip, foreach=True)
+        self.meta_optim.step()
+
+    def forward(self, x_spt, y_spt, x_qry, y_qry, track_steps=True):
+        """One meta-training step; returns the query accuracies (a tensor, left on the device)."""
+        loss, accs = self.meta_loss(x_spt, y_spt, x_qry, y_qry, track_steps)
+        self.meta_update(loss)
+        return accs
+
+    @torch.no_grad()
+    def finetunning(self, x_spt, y_spt, x_qry, y_qry):
+        """Query accuracy after each of 0..update_step_test fine-tuning steps: [steps + 1] for one
+        task ([setsz, c, h, w] inputs), [tasks, steps + 1] for a batch of tasks."""
+        single = x_spt.dim() == 4
+        if single:
+            x_spt, y_spt, x_qry, y_qry = (t.unsqueeze(0) for t in (x_spt, y_spt, x_qry, y_qry))
+        _, accs = self._batched(x_spt, y_spt, x_qry, y_qry, self.update_step_test, track_steps=True)
+        return accs[0] if single else accs
+
+    def adapt(self, x_spt, y_spt, steps=None):
+        """The fast weights of one task after `steps` (default update_step_test) SGD steps on its
+        support set, as a dict for `self.net(x, params=...)`."""
+        params = {name: p.detach() for name, p in self.net.named_parameters()}
+        return self._inner_loop(params, x_spt, y_spt, steps or self.update_step_test)[0]
+
+    def checkpoint(self, **extra):
+        """A dict that `torch.load(..., weights_only=True)` reads and `from_checkpoint` rebuilds."""
+        return {'model': self.net.state_dict(), 'config': self.net.config, 'hparams': self.hparams(),
+                'optimizer': self.meta_optim.state_dict(), 'torch_version': torch.__version__, **extra}
+
+    @classmethod
+    def from_checkpoint(cls, path, map_location=None):
+        """A ready Meta (weights and meta-optimizer state) from a checkpoint file."""
+        ckpt = load_checkpoint(path, map_location)
+        maml = cls(argparse.Namespace(**ckpt['hparams']), ckpt['config'])
+        maml.net.load_state_dict(ckpt['model'])
+        maml.to(next(iter(ckpt['model'].values())).device)
+        maml.meta_optim.load_state_dict(ckpt['optimizer'])
+        return maml
+
+
+def load_checkpoint(path, map_location=None):
+    """torch.load with weights_only=True, and one clear sentence for a missing or damaged file."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Checkpoint {path} does not exist; check the path.") from None
+    except Exception as e:
+        raise RuntimeError(f"Checkpoint {path} cannot be read ({type(e).__name__}); the file is damaged "
+                           f"or not a MAML checkpoint, so load another one such as best.pth.") from None
+    if not isinstance(ckpt, dict) or not {'model', 'config', 'hparams'} <= ckpt.keys():
+        raise RuntimeError(f"Checkpoint {path} is not a MAML checkpoint of this project (it lacks "
+                           f"model/config/hparams); load one written by the training scripts.")
+    return ckpt

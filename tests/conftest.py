@@ -1,0 +1,33 @@
+"""Shared test helpers: where the real data sets are, and a private copy of Omniglot.
+
+Real data comes from $MAML_DATA or else ../shared/data beside the repository. Without it the
+tests that need it skip, unless MAML_REQUIRE_DATA=1 (set by .ci/run), which makes them fail.
+"""
+import os
+import shutil
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shared_data(name):
+    """The folder of data set `name` (e.g. 'omniglot'), or skip/fail the test when it is missing."""
+    root = os.environ.get('MAML_DATA', os.path.join(REPO, '..', 'shared', 'data'))
+    path = os.path.join(root, name)
+    if not os.path.isdir(path):
+        reason = f"real {name} data not found at {path} (set MAML_DATA to the folder holding {name}/)"
+        if os.environ.get('MAML_REQUIRE_DATA') == '1':
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope='session')
+def omniglot_root(tmp_path_factory):
+    """A private data root holding copies of the two Omniglot zips (the shared folder stays untouched)."""
+    src = shared_data('omniglot')
+    root = tmp_path_factory.mktemp('omniglot')
+    for name in ('images_background.zip', 'images_evaluation.zip'):
+        shutil.copyfile(os.path.join(src, name), root / name)
+    return str(root)

@@ -1,0 +1,138 @@
+"""Meta-gradients of the vectorised learner against independent float64 references."""
+import argparse
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meta import Meta
+
+TASKS, N_WAY, K_SPT, K_QRY, SIDE = 3, 4, 2, 3, 12
+CONFIG = [('conv2d', [6, 1, 3, 3, 2, 1]), ('bn', [6]), ('relu', [True]),
+          ('conv2d', [6, 6, 3, 3, 2, 1]), ('bn', [6]), ('relu', [True]),
+          ('flatten', []), ('linear', [N_WAY, 6 * 3 * 3])]
+
+
+def make_meta(update_step=3, first_order=False, seed=0):
+    args = argparse.Namespace(update_lr=0.3, meta_lr=1e-3, n_way=N_WAY, k_spt=K_SPT, k_qry=K_QRY,
+                              task_num=TASKS, update_step=update_step, update_step_test=4, imgc=1,
+                              imgsz=SIDE, first_order=first_order)
+    torch.manual_seed(seed)
+    return Meta(args, CONFIG).double()
+
+
+def make_tasks(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x_spt = torch.randn(TASKS, N_WAY * K_SPT, 1, SIDE, SIDE, generator=g, dtype=torch.float64)
+    x_qry = torch.randn(TASKS, N_WAY * K_QRY, 1, SIDE, SIDE, generator=g, dtype=torch.float64)
+    y_spt = torch.arange(N_WAY).repeat_interleave(K_SPT).repeat(TASKS, 1)
+    y_qry = torch.arange(N_WAY).repeat_interleave(K_QRY)[torch.randperm(N_WAY * K_QRY, generator=g)].repeat(TASKS, 1)
+    return x_spt, y_spt, x_qry, y_qry
+
+
+def reference_net(x, w):
+    """The CONFIG network written independently of Learner, with torch's own batch norm (exact outside vmap)."""
+    for i in (0, 4):
+        x = F.conv2d(x, w[i], w[i + 1], stride=2, padding=1)
+        x = F.relu(F.batch_norm(x, None, None, w[i + 2], w[i + 3], training=True))
+    return F.linear(x.flatten(1), w[8], w[9])
+
+
+def reference_meta_grad(maml, tasks, first_order):
+    """Algorithm 2 with a Python loop over tasks and autograd.grad(create_graph=...) inner steps."""
+    theta = list(maml.net.parameters())
+    losses = []
+    for x_spt, y_spt, x_qry, y_qry in zip(*tasks):
+        fast = theta
+        for _ in range(maml.update_step):
+            g = torch.autograd.grad(F.cross_entropy(reference_net(x_spt, fast), y_spt), fast,
+                                    create_graph=not first_order)
+            fast = [w - maml.update_lr * gw for w, gw in zip(fast, g)]
+        losses.append(F.cross_entropy(reference_net(x_qry, fast), y_qry))
+    loss = torch.stack(losses).mean()
+    return loss, flat(torch.autograd.grad(loss, theta))
+
+
+def meta_grad(maml, tasks):
+    loss, accs = maml.meta_loss(*tasks)
+    return loss, flat(torch.autograd.grad(loss, list(maml.net.parameters()))), accs
+
+
+def flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize('update_step', [1, 3])
+def test_second_order_meta_gradient_matches_reference(update_step):
+    maml, tasks = make_meta(update_step), make_tasks()
+    loss, grad, accs = meta_grad(maml, tasks)
+    ref_loss, ref_grad = reference_meta_grad(maml, tasks, first_order=False)
+    assert abs(loss.item() - ref_loss.item()) < 1e-12
+    assert rel_err(grad, ref_grad) < 1e-8
+    assert accs.shape == (update_step + 1,)
+
+
+def test_first_order_matches_reference_and_differs_from_second_order():
+    tasks = make_tasks()
+    first = make_meta(first_order=True)
+    _, grad_fo, _ = meta_grad(first, tasks)
+    _, ref_fo = reference_meta_grad(first, tasks, first_order=True)
+    assert rel_err(grad_fo, ref_fo) < 1e-8
+    _, grad_so, _ = meta_grad(make_meta(first_order=False), tasks)
+    assert rel_err(grad_fo, grad_so) > 1e-3, 'second-order terms are missing from the meta-gradient'
+
+
+def test_vectorised_batch_equals_per_task_loop():
+    maml, tasks = make_meta(), make_tasks()
+    loss, grad, accs = meta_grad(maml, tasks)
+    per_task = [meta_grad(maml, [t[i:i + 1] for t in tasks]) for i in range(TASKS)]
+    assert torch.allclose(loss, torch.stack([l for l, _, _ in per_task]).mean(), rtol=1e-12, atol=0)
+    assert rel_err(grad, torch.stack([g for _, g, _ in per_task]).mean(0)) < 1e-10
+    assert torch.allclose(accs, torch.stack([a for _, _, a in per_task]).mean(0))
+
+
+def test_untracked_steps_give_the_same_loss_and_last_accuracy():
+    maml, tasks = make_meta(), make_tasks()
+    loss, accs = maml.meta_loss(*tasks, track_steps=True)
+    loss_fast, accs_fast = maml.meta_loss(*tasks, track_steps=False)
+    assert torch.equal(loss, loss_fast) and accs_fast.shape == (1,) and accs_fast[0] == accs[-1]
+
+
+def test_forward_takes_one_adam_step_and_finetunning_leaves_parameters_alone():
+    maml, tasks = make_meta(), make_tasks()
+    before = [p.detach().clone() for p in maml.net.parameters()]
+    accs = maml.finetunning(*tasks)
+    assert accs.shape == (TASKS, maml.update_step_test + 1)
+    assert maml.finetunning(*(t[0] for t in tasks)).shape == (maml.update_step_test + 1,)
+    assert all(torch.equal(a, b) for a, b in zip(before, maml.net.parameters()))
+    assert ((accs >= 0) & (accs <= 1)).all()
+    accs = maml(*tasks)
+    assert accs.shape == (maml.update_step + 1,)
+    moved = [(a - b).abs().max().item() for a, b in zip(before, maml.net.parameters())]
+    assert all(0 < m < 1e-2 for m in moved), 'Adam moves every parameter by about meta_lr'
+
+
+def test_finetunning_adapts_on_the_support_set():
+    maml, tasks = make_meta(), make_tasks()
+    x_spt, y_spt = tasks[0][0], tasks[1][0]
+    accs = maml.finetunning(x_spt, y_spt, x_spt, y_spt)
+    assert accs[-1] == 1.0 > accs[0], 'fine-tuning should fit the support set it is trained on'
+    fast = maml.adapt(x_spt, y_spt)
+    assert (maml.net(x_spt, params=fast).argmax(1) == y_spt).all()
+
+
+def test_gradient_clipping_bounds_the_meta_gradient():
+    maml, tasks = make_meta(), make_tasks()
+    maml.grad_clip = 1e-3
+    loss, _ = maml.meta_loss(*tasks)
+    maml.meta_update(loss)
+    assert flat([p.grad for p in maml.net.parameters()]).norm() <= 1e-3 * (1 + 1e-6)
+
+
+def test_inner_steps_below_one_are_refused():
+    with pytest.raises(ValueError, match='at least 1'):
+        make_meta(update_step=0)
