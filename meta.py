@@ -123,15 +123,16 @@ class Meta(nn.Module):
     def checkpoint(self, **extra):
         """A dict that `torch.load(..., weights_only=True)` reads and `from_checkpoint` rebuilds."""
         return {'model': self.net.state_dict(), 'config': self.net.config, 'hparams': self.hparams(),
-                'optimizer': self.meta_optim.state_dict(), 'torch_version': torch.__version__, **extra}
+                'optimizer': self.meta_optim.state_dict(), 'torch_version': str(torch.__version__), **extra}
 
     @classmethod
     def from_checkpoint(cls, path, map_location=None):
         """A ready Meta (weights and meta-optimizer state) from a checkpoint file."""
         ckpt = load_checkpoint(path, map_location)
         maml = cls(argparse.Namespace(**ckpt['hparams']), ckpt['config'])
+        saved = next(iter(ckpt['model'].values()))
+        maml.to(saved.device, saved.dtype)
         maml.net.load_state_dict(ckpt['model'])
-        maml.to(next(iter(ckpt['model'].values())).device)
         maml.meta_optim.load_state_dict(ckpt['optimizer'])
         return maml
 

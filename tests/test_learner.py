@@ -1,0 +1,55 @@
+"""The config-built network: every layer of the vocabulary, functional calls, batch norm, errors."""
+import pytest
+import torch
+from torch.func import functional_call
+
+from learner import Learner
+
+EVERY_LAYER = [
+    ('conv2d', [4, 3, 3, 3, 1, 1]), ('bn', [4]), ('leakyrelu', [0.2, True]),
+    ('max_pool2d', [2, 2, 0]), ('convt2d', [4, 2, 2, 2, 2, 0]), ('tanh', []),
+    ('avg_pool2d', [2, 2, 0]), ('upsample', [2]), ('sigmoid', []), ('relu', [True]),
+    ('flatten', []), ('linear', [32, 2 * 8 * 8]), ('reshape', [2, 4, 4]), ('flatten', []),
+    ('linear', [5, 32]),
+]
+
+
+def test_every_layer_of_the_vocabulary_builds_and_runs():
+    net = Learner(EVERY_LAYER, imgc=3, imgsz=8)
+    assert net(torch.randn(6, 3, 8, 8)).shape == (6, 5)
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes[:6] == [(4, 3, 3, 3), (4,), (4,), (4,), (4, 2, 2, 2), (2,)]
+    assert not list(net.buffers()), 'batch norm must keep no running statistics'
+
+
+def test_params_argument_and_functional_call_agree_with_own_weights():
+    net = Learner(EVERY_LAYER, imgc=3, imgsz=8)
+    x = torch.randn(6, 3, 8, 8)
+    own = net(x)
+    params = {name: p.detach() * 1.5 for name, p in net.named_parameters()}
+    by_dict, by_list = net(x, params=params), net(x, params=list(params.values()))
+    assert torch.equal(own, net(x, params=dict(net.named_parameters())))
+    assert torch.equal(by_dict, by_list)
+    assert torch.equal(by_dict, functional_call(net, params, (x,)))
+    assert not torch.equal(own, by_dict)
+
+
+def test_batch_norm_normalises_with_the_statistics_of_the_batch():
+    net = Learner([('conv2d', [3, 1, 1, 1, 1, 0]), ('bn', [3])], imgc=1, imgsz=5)
+    out = net(10 * torch.randn(7, 1, 5, 5) + 3)
+    assert torch.allclose(out.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(out.var((0, 2, 3), unbiased=False), torch.ones(3), atol=1e-3)
+
+
+def test_unknown_layer_and_mismatched_sizes_are_clear_errors():
+    with pytest.raises(ValueError, match="'dropout', which is not a known layer"):
+        Learner([('dropout', [0.5])], imgc=1, imgsz=4)
+    with pytest.raises(ValueError, match=r"layer 2 \('linear', \[5, 99\]\) does not fit"):
+        Learner([('conv2d', [2, 1, 3, 3, 1, 1]), ('flatten', []), ('linear', [5, 99])], imgc=1, imgsz=4)
+
+
+def test_summary_lists_layers_and_parameter_count():
+    text = repr(Learner([('conv2d', [2, 1, 3, 3, 1, 1]), ('flatten', []), ('linear', [5, 32])], 1, 4))
+    assert 'conv2d(ch_in=1, ch_out=2, k=3x3, stride=1, padding=1)' in text
+    assert 'linear(in=32, out=5)' in text
+    assert f'parameters: {2 * 9 + 2 + 5 * 32 + 5:,}' in text
