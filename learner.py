@@ -42,11 +42,12 @@ LAYER_NAMES = sorted(_PARAMETRIC | set(_ACTIVATIONS))
 
 def batch_norm(x, weight, bias):
     """Batch norm over every dim but the channel dim (1), with the batch's own statistics."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))   # statistics in float32 under bf16 autocast
     dims = [d for d in range(x.dim()) if d != 1]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    mean = x.mean(dim=dims, keepdim=True)
-    var = (x - mean).square().mean(dim=dims, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + BN_EPS) * weight.view(shape) + bias.view(shape)
+    centered = x - x.mean(dim=dims, keepdim=True)
+    scale = torch.rsqrt(centered.square().mean(dim=dims, keepdim=True) + BN_EPS) * weight.view(shape)
+    return torch.addcmul(bias.view(shape), centered, scale)   # one pass over x instead of three
 
 
 class Learner(nn.Module):

@@ -43,13 +43,22 @@ class Meta(nn.Module):
                              f"({self.update_step_test}) must be at least 1.")
         self.first_order = bool(getattr(args, 'first_order', False))
         self.grad_clip = float(getattr(args, 'grad_clip', 0.0) or 0.0)
+        self.amp = bool(getattr(args, 'amp', False))
         self.net = Learner(config, self.imgc, self.imgsz)
         self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)
+        if getattr(args, 'compile', None):
+            self.compile(args.compile)
+
+    def compile(self, mode='default'):
+        """torch.compile the batched tasks (training and evaluation); mode 'reduce-overhead' also
+        replays them as CUDA graphs. Each new shape or setting compiles once, taking a minute or two."""
+        self._batched = torch.compile(self._batched, mode=mode, dynamic=False)
+        return self
 
     def hparams(self):
         """The hyperparameters as a plain dict (what a checkpoint stores to rebuild this object)."""
         return {**{name: getattr(self, name) for name in HPARAMS},
-                'first_order': self.first_order, 'grad_clip': self.grad_clip}
+                'first_order': self.first_order, 'grad_clip': self.grad_clip, 'amp': self.amp}
 
     def _loss(self, params, x, y):
         return F.cross_entropy(functional_call(self.net, params, (x,)), y)
@@ -81,7 +90,8 @@ class Meta(nn.Module):
     def _batched(self, x_spt, y_spt, x_qry, y_qry, steps, track_steps):
         params = dict(self.net.named_parameters())
         task = lambda *data: self._task(params, *data, steps=steps, track_steps=track_steps)
-        return vmap(task)(x_spt, y_spt, x_qry, y_qry)
+        with torch.autocast(x_spt.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return vmap(task)(x_spt, y_spt, x_qry, y_qry)
 
     def meta_loss(self, x_spt, y_spt, x_qry, y_qry, track_steps=True):
         """The differentiable meta-loss (mean over tasks of the query loss after `update_step`
@@ -112,7 +122,7 @@ class Meta(nn.Module):
         if single:
             x_spt, y_spt, x_qry, y_qry = (t.unsqueeze(0) for t in (x_spt, y_spt, x_qry, y_qry))
         _, accs = self._batched(x_spt, y_spt, x_qry, y_qry, self.update_step_test, track_steps=True)
-        return accs[0] if single else accs
+        return accs[0] if single else accs.clone()   # a CUDA-graph replay reuses its output buffers
 
     def adapt(self, x_spt, y_spt, steps=None):
         """The fast weights of one task after `steps` (default update_step_test) SGD steps on its

@@ -27,6 +27,8 @@ import torch
 from PIL import Image
 from torchvision.datasets.utils import download_url, extract_archive
 
+from episodes import draw_tasks
+
 BASE_URL = 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python/'
 ARCHIVE_MD5 = {'images_background': '68d2efa1b9178cc56df9314c21c6e718',
                'images_evaluation': '6b91aef0f799c5bb55b94e3f2daec811'}
@@ -129,13 +131,17 @@ class OmniglotNShot:
         train, test = images[split[:N_TRAIN_CLASSES]], images[split[N_TRAIN_CLASSES:]]
         if rotate:
             train = torch.cat([train.rot90(k, dims=(-2, -1)) for k in range(4)])
-        self.data = {'train': train.to(self.device), 'test': test.to(self.device)}
         self.class_ids = {'train': split[:N_TRAIN_CLASSES].repeat(4 if rotate else 1),
                           'test': split[N_TRAIN_CLASSES:]}
-        for mode, data in self.data.items():
-            if n_way > len(data):
-                raise ValueError(f"n_way={n_way} is more than the {len(data)} Omniglot {mode} classes; "
+        # each split as a flat store [classes * 20, 1, s, s] and the table of its classes' positions
+        self.data, self.index_table, self.counts = {}, {}, {}
+        for mode, images in (('train', train), ('test', test)):
+            if n_way > len(images):
+                raise ValueError(f"n_way={n_way} is more than the {len(images)} Omniglot {mode} classes; "
                                  f"lower --n_way.")
+            self.data[mode] = images.reshape(-1, 1, imgsz, imgsz).to(self.device)
+            self.index_table[mode] = torch.arange(len(images) * DRAWINGS, device=self.device).view(-1, DRAWINGS)
+            self.counts[mode] = torch.full((len(images),), DRAWINGS, device=self.device)
         self.generators = {mode: torch.Generator(self.device) for mode in self.data}
         for i, mode in enumerate(self.data):
             self.reset(mode, seed + i)
@@ -153,23 +159,10 @@ class OmniglotNShot:
 
     def next(self, mode='train', return_indices=False):
         """One meta-batch of `batchsz` tasks from the `mode` classes. With return_indices, also
-        `classes` [b, n_way] (label j of task i is character classes[i, j] of this split) and
-        `drawings` [b, n_way, k_shot + k_query] (the first k_shot of each row are the support)."""
-        data, gen, dev = self.data[mode], self.generators[mode], self.device
-        b, n, ks, kq = self.batchsz, self.n_way, self.k_shot, self.k_query
-        classes = torch.rand(b, len(data), generator=gen, device=dev).topk(n, dim=1).indices
-        drawings = torch.rand(b, n, DRAWINGS, generator=gen, device=dev).argsort(-1)[..., :ks + kq]
-        images = data[classes[..., None], drawings].float().div_(255)   # [b, n, ks + kq, s, s]
-        labels = torch.arange(n, device=dev).view(1, n, 1)
-        x_spt, y_spt = self._shuffled(images[:, :, :ks], labels.expand(b, n, ks), gen)
-        x_qry, y_qry = self._shuffled(images[:, :, ks:], labels.expand(b, n, kq), gen)
+        `classes` [b, n_way] (label j of task i is class classes[i, j] of this split) and the
+        positions of the support and query images in self.data[mode]."""
+        classes, spt, y_spt, qry, y_qry = draw_tasks(self.index_table[mode], self.counts[mode], self.batchsz,
+                                                     self.n_way, self.k_shot, self.k_query, self.generators[mode])
+        x_spt, x_qry = (self.data[mode][i].float().div_(255) for i in (spt, qry))
         batch = (x_spt, y_spt, x_qry, y_qry)
-        return batch + (classes, drawings) if return_indices else batch
-
-    def _shuffled(self, images, labels, gen):
-        """[b, n, k, s, s] images and their labels -> [b, n*k, 1, s, s], [b, n*k], in random order."""
-        b, setsz = images.shape[0], images.shape[1] * images.shape[2]
-        order = torch.rand(b, setsz, generator=gen, device=self.device).argsort(1)
-        rows = torch.arange(b, device=self.device)[:, None]
-        images = images.reshape(b, setsz, 1, self.imgsz, self.imgsz)[rows, order]
-        return images, labels.reshape(b, setsz)[rows, order]
+        return batch + (classes, spt, qry) if return_indices else batch

@@ -38,7 +38,7 @@ def main():
                         help='add each training character rotated by 90/180/270 degrees as new classes')
     args = parser.parse_args()
     check_args(args)
-    device = setup_device(args.device, args.seed)
+    device = setup_device(args)
 
     db = OmniglotNShot(args.data, batchsz=args.task_num, n_way=args.n_way, k_shot=args.k_spt,
                        k_query=args.k_qry, imgsz=args.imgsz, device=device, rotate=args.rotate, seed=args.seed)

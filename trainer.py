@@ -41,6 +41,9 @@ def common_args(description, **defaults):
     p.add_argument('--update_step_test', type=int, help='inner steps when evaluating')
     p.add_argument('--num_filters', type=int, help='channels of each conv layer')
     p.add_argument('--first_order', action='store_true', help='first-order MAML (no second derivatives)')
+    p.add_argument('--compile', nargs='?', const='default', metavar='MODE',
+                   help="torch.compile the meta-step; MODE 'reduce-overhead' adds CUDA graphs")
+    p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (fp32 master weights)')
     p.add_argument('--grad_clip', type=float, default=0.0, help='clip the meta-gradient norm (0: off)')
     p.add_argument('--data', help='data root')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
@@ -64,13 +67,15 @@ def check_args(args):
         raise ValueError("--n_way must be at least 2: a task needs two classes to tell apart.")
 
 
-def setup_device(name, seed):
-    """The torch.device for `name`, seeded; on CUDA with the cuDNN autotuner and TF32 on."""
-    if name.startswith('cuda') and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} was asked for but this machine has no CUDA GPU; use --device cpu.")
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    device = torch.device(name)
+def setup_device(args):
+    """The torch.device of --device, seeded; on CUDA with the cuDNN autotuner and TF32 on."""
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device} was asked for but this machine has no CUDA GPU; use --device cpu.")
+    if args.amp and device.type != 'cuda':
+        raise ValueError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU.")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
