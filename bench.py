@@ -3,30 +3,58 @@ Speed of one MAML meta-step: the seed's per-task loop against this project's vec
 
     python bench.py                   # every workload x implementation on the default device
     python bench.py --quick           # fewer repeats, for a first look
-    python bench.py --device cuda --csv bench_results.csv
+    python bench.py --device cuda --impls reference meta meta+graphs --csv bench_results.csv
+    python bench.py --loaders         # also: episodes/s of the seed-style DataLoader vs the cache
 
 Workloads (the seeds' defaults otherwise): Omniglot 5-way 1-shot task_num 32 and MiniImagenet
-5-way 1-shot task_num 4, each second- and first-order. Implementations:
+5-way 1-shot task_num 4, each second- (so) and first-order (fo). Implementations:
     reference     the seed's algorithm: a Python loop over tasks, the query loss and accuracy
                   after every inner step with .item() (kept here, not in the training path)
-    meta          Meta, all tasks at once with torch.func; per-step accuracies off, as on the
-                  training script's non-logging steps
-    meta+compile  Meta with torch.compile (mode 'default')
-    meta+graphs   Meta with torch.compile(mode='reduce-overhead'): CUDA graphs (CUDA only)
-Each row times the whole step, episode sampling included: the median over repeats after warm-up.
-Episodes come from the project's own on-device samplers, filled with random pixels when
---data does not hold the real sets (sampling costs the same either way).
+    meta          Meta: all tasks at once with torch.func, per-step accuracies off (as on the
+                  training script's non-logging steps)
+    meta+amp      Meta under bf16 autocast (CUDA only)
+    meta+compile  Meta with torch.compile, mode 'default'
+    meta+graphs   Meta with torch.compile, mode 'reduce-overhead': CUDA graphs (CUDA only)
+A row times whole steps, episode sampling included: the median over repeats after warm-up, each
+row in a fresh process (so peak memory is its own: CUDA max_memory_allocated, else peak RSS).
+Omniglot episodes come from OmniglotNShot (downloaded into --omniglot if missing); MiniImagenet
+episodes from MiniImagenetCache.synthetic, random pixels in the real split's shape (sampling and
+compute cost the same as on the real images, which need not be on the machine).
+The floor: FLOPs of one meta-step (counted op by op on the per-task form of the same algorithm)
+over the device's measured matmul rate (fp32; TF32 on CUDA, as training uses).
 """
 import argparse
 import csv
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
+from collections import Counter
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+from torch.utils.flop_counter import flop_registry
+
+import miniimagenet_train
+import omniglot_train
+from meta import Meta
+from MiniImagenet import MiniImagenetCache
+from omniglotNShot import OmniglotNShot
+
+WORKLOADS = {
+    'omniglot-5w1s': dict(n_way=5, k_spt=1, k_qry=15, imgsz=28, imgc=1, task_num=32, meta_lr=1e-3,
+                          update_lr=0.4, update_step=5, update_step_test=10),
+    'mini-5w1s': dict(n_way=5, k_spt=1, k_qry=15, imgsz=84, imgc=3, task_num=4, meta_lr=1e-3,
+                      update_lr=0.01, update_step=5, update_step_test=10),
+}
+IMPLS = ['reference', 'meta', 'meta+amp', 'meta+compile', 'meta+graphs']
+CUDA_ONLY = {'meta+amp', 'meta+graphs'}
 
 
 def reference_step(maml, x_spt, y_spt, x_qry, y_qry):
@@ -51,3 +79,217 @@ def reference_step(maml, x_spt, y_spt, x_qry, y_qry):
     (losses_q[-1] / task_num).backward()
     maml.meta_optim.step()
     return np.array(corrects) / (task_num * querysz)
+
+
+def build(workload, order, impl, device, omniglot_root):
+    """(maml, next_batch) for one row."""
+    hp = WORKLOADS[workload]
+    args = argparse.Namespace(**hp, first_order=order == 'fo', amp=impl == 'meta+amp')
+    if workload.startswith('omniglot'):
+        config = omniglot_train.network(hp['n_way'], hp['imgsz'])
+        db = OmniglotNShot(omniglot_root, hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'], hp['imgsz'],
+                           device=device)
+        next_batch = lambda: db.next('train')
+    else:
+        config = miniimagenet_train.network(hp['n_way'], hp['imgsz'])
+        cache = MiniImagenetCache.synthetic(64, 600, hp['imgsz'], device)
+        next_batch = lambda: cache.sample(hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'])
+    maml = Meta(args, config).to(device)
+    if impl in ('meta+compile', 'meta+graphs'):
+        maml.compile('default' if impl == 'meta+compile' else 'reduce-overhead')
+    return maml, next_batch
+
+
+def meta_step(maml, next_batch):
+    loss, _ = maml.meta_loss(*next_batch(), track_steps=False)
+    maml.meta_update(loss)
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_row(workload, order, impl, device, omniglot_root, quick):
+    """One row: ms per meta-step (median), images/s and peak memory, as a dict."""
+    maml, next_batch = build(workload, order, impl, device, omniglot_root)
+    step = (lambda: reference_step(maml, *next_batch())) if impl == 'reference' else lambda: meta_step(maml, next_batch)
+    warmup, repeats, per_repeat = (2, 3, 2) if quick else (3, 7, 5)
+    if impl == 'reference' and device.type == 'cpu':
+        warmup, per_repeat = 1, 1
+    t = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warmup_s = time.perf_counter() - t
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(per_repeat):
+            step()
+        sync(device)
+        times.append((time.perf_counter() - t) / per_repeat)
+    hp = WORKLOADS[workload]
+    ms = 1e3 * statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == 'cuda'
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return dict(workload=f'{workload}-{order}', impl=impl, device=device_name(device), torch=torch.__version__,
+                ms_per_step=round(ms, 3), spread_ms=round(1e3 * (max(times) - min(times)), 3),
+                images_per_s=round(hp['task_num'] * hp['n_way'] * (hp['k_spt'] + hp['k_qry']) / ms * 1e3),
+                peak_mem_mb=round(peak / 2**20), warmup_s=round(warmup_s, 1))
+
+
+def device_name(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'CPU x{torch.get_num_threads()} threads'
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of every matmul/convolution (forward and backward) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        counter = flop_registry.get(func._overloadpacket)
+        if counter:
+            shape = lambda t: t.shape if isinstance(t, torch.Tensor) else t
+            self.flops += counter(*tree_map(shape, args), **tree_map(shape, kwargs or {}), out_val=tree_map(shape, out))
+        return out
+
+
+def count_flops(workload, order, omniglot_root):
+    """FLOPs of one meta-step of Meta's algorithm, task by task (vmap's batched convolutions are
+    grouped convolutions that torch's counter miscounts), on the CPU."""
+    maml, next_batch = build(workload, order, 'meta', torch.device('cpu'), omniglot_root)
+    batch = next_batch()
+    params = dict(maml.net.named_parameters())
+    with FlopCount() as counter:
+        losses = [maml._task(params, *(t[i] for t in batch), steps=maml.update_step, track_steps=False)[0]
+                  for i in range(len(batch[0]))]
+        torch.stack(losses).mean().backward()
+    return counter.flops
+
+
+def matmul_rate(device):
+    """Measured fp32 matmul FLOP/s (TF32 on CUDA): the ceiling the floor is computed against."""
+    n = 8192 if device.type == 'cuda' else 2048
+    torch.backends.cuda.matmul.allow_tf32 = True
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    times = []
+    for _ in range(6):
+        sync(device)
+        t = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n ** 3 / statistics.median(times[1:])
+
+
+def loader_rates(mini_root, device, quick):
+    """Episodes/s (task_num 4, 5-way 1-shot) of the seed's path, PIL decode per item through a
+    DataLoader, against the cached sampler on `device`."""
+    from MiniImagenet import MiniImagenet
+    hp = WORKLOADS['mini-5w1s']
+    n = 40 if quick else 200
+    rows = []
+    for workers in (1, 2, os.cpu_count()):
+        db = MiniImagenet(mini_root, 'train', n * hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'], hp['imgsz'])
+        loader = torch.utils.data.DataLoader(db, batch_size=hp['task_num'], num_workers=workers,
+                                             pin_memory=device.type == 'cuda')
+        t = time.perf_counter()
+        for batch in loader:
+            [x.to(device, non_blocking=True) for x in batch]
+        sync(device)
+        rows.append((f'seed-style DataLoader, {workers} workers', n * hp['task_num'] / (time.perf_counter() - t)))
+    cache = MiniImagenetCache(mini_root, 'train', hp['imgsz'], device)
+    sample = lambda: cache.sample(hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'])
+    sample()
+    t = time.perf_counter()
+    for _ in range(n):
+        sample()
+    sync(device)
+    rows.append((f'decode-once cache on {device.type}', n * hp['task_num'] / (time.perf_counter() - t)))
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--quick', action='store_true')
+    p.add_argument('--workloads', nargs='+', default=[f'{w}-{o}' for w in WORKLOADS for o in ('so', 'fo')])
+    p.add_argument('--impls', nargs='+', default=IMPLS, choices=IMPLS)
+    p.add_argument('--omniglot', default=omniglot_train.DATA_ROOT, help='Omniglot data root')
+    p.add_argument('--mini', default=miniimagenet_train.DATA_ROOT, help='mini-ImageNet root, for --loaders')
+    p.add_argument('--loaders', action='store_true', help='also time the mini-ImageNet episode loaders')
+    p.add_argument('--csv', default='bench_results.csv')
+    p.add_argument('--row', nargs=3, metavar=('WORKLOAD', 'ORDER', 'IMPL'), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.row:
+        print(json.dumps(time_row(*args.row, device, args.omniglot, args.quick)))
+        return
+
+    rows = []
+    for name in args.workloads:
+        workload, order = name.rsplit('-', 1)
+        for impl in args.impls:
+            if impl in CUDA_ONLY and device.type != 'cuda':
+                continue
+            cmd = [sys.executable, __file__, '--row', workload, order, impl, '--device', args.device,
+                   '--omniglot', args.omniglot] + ['--quick'] * args.quick
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode == 0:
+                rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+            else:
+                rows.append(dict(workload=name, impl=impl, device=device_name(device), torch=torch.__version__,
+                                 error=run.stderr.strip().splitlines()[-1][:200]))
+            print(format_row(rows[-1]), flush=True)
+    for row in rows:
+        ref = next((r for r in rows if r['workload'] == row['workload'] and r['impl'] == 'reference'
+                    and 'ms_per_step' in r), None)
+        if ref and 'ms_per_step' in row:
+            row['speedup'] = round(ref['ms_per_step'] / row['ms_per_step'], 2)
+
+    rate = matmul_rate(device)
+    print(f'\n{device_name(device)}, torch {torch.__version__}; measured matmul rate {rate / 1e12:.2f} TFLOP/s')
+    print(f"{'workload':20} {'impl':13} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'speed-up':>8}  floor")
+    for name in args.workloads:
+        workload, order = name.rsplit('-', 1)
+        flops = count_flops(workload, order, args.omniglot)
+        for row in (r for r in rows if r['workload'] == name):
+            row['gflop_per_step'] = round(flops / 1e9, 2)
+            if 'ms_per_step' in row:
+                row['share_of_peak'] = round(flops / (row['ms_per_step'] / 1e3) / rate, 4)
+            print(format_row(row, floor_ms=1e3 * flops / rate))
+    with open(args.csv, 'w', newline='') as f:
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f'rows written to {args.csv}')
+    if args.loaders:
+        for name, rate in loader_rates(args.mini, device, args.quick):
+            print(f'{name:45} {rate:8.1f} episodes/s')
+
+
+def format_row(row, floor_ms=None):
+    if 'error' in row:
+        return f"{row['workload']:20} {row['impl']:13} failed: {row['error']}"
+    text = (f"{row['workload']:20} {row['impl']:13} {row['ms_per_step']:9.2f} {row['images_per_s']:8d} "
+            f"{row['peak_mem_mb']:8d} {row.get('speedup', float('nan')):7.2f}x")
+    if floor_ms is not None:
+        text += f"  {row['gflop_per_step']:.1f} GFLOP, floor {floor_ms:.2f} ms, {100 * row.get('share_of_peak', 0):.1f}% of peak"
+    return text
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,29 @@
+"""The benchmark's seed-style reference computes the same meta-update as Meta, and FLOPs count right."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import FlopCount, reference_step
+from test_meta import make_meta, make_tasks
+
+
+@pytest.mark.parametrize('first_order', [False, True])
+def test_reference_step_makes_the_same_meta_update_as_meta(first_order):
+    tasks = make_tasks()
+    ours, ref = make_meta(first_order=first_order), make_meta(first_order=first_order)
+    accs = ours(*tasks)
+    ref_accs = reference_step(ref, *tasks)
+    for a, b in zip(ours.net.parameters(), ref.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert accs.tolist() == pytest.approx(ref_accs.tolist())
+
+
+def test_flop_counter_counts_convolutions_and_their_gradients():
+    x = torch.randn(2, 3, 8, 8)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    with FlopCount() as forward_only:
+        F.conv2d(x, w, padding=1)
+    assert forward_only.flops == 2 * 2 * 4 * 3 * 9 * 8 * 8
+    with FlopCount() as both:
+        F.conv2d(x, w, padding=1).sum().backward()
+    assert both.flops == 2 * forward_only.flops, 'the weight gradient costs one more convolution'
