@@ -16,7 +16,8 @@ Workloads (the seeds' defaults otherwise): Omniglot 5-way 1-shot task_num 32 and
     meta+compile  Meta with torch.compile, mode 'default'
     meta+graphs   Meta with torch.compile, mode 'reduce-overhead': CUDA graphs (CUDA only)
 A row times whole steps, episode sampling included: the median over repeats after warm-up, each
-row in a fresh process (so peak memory is its own: CUDA max_memory_allocated, else peak RSS).
+row in a fresh process, so its peak memory (CUDA max_memory_allocated, else peak RSS) is its own,
+warm-up (and any CUDA-graph capture) included.
 Omniglot episodes come from OmniglotNShot (downloaded into --omniglot if missing); MiniImagenet
 episodes from MiniImagenetCache.synthetic, random pixels in the real split's shape (sampling and
 compute cost the same as on the real images, which need not be on the machine).
@@ -122,8 +123,6 @@ def time_row(workload, order, impl, device, omniglot_root, quick):
         step()
     sync(device)
     warmup_s = time.perf_counter() - t
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -198,7 +197,7 @@ def loader_rates(mini_root, device, quick):
     hp = WORKLOADS['mini-5w1s']
     n = 40 if quick else 200
     rows = []
-    for workers in (1, 2, os.cpu_count()):
+    for workers in sorted({1, 2, os.cpu_count()}):
         db = MiniImagenet(mini_root, 'train', n * hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'], hp['imgsz'])
         loader = torch.utils.data.DataLoader(db, batch_size=hp['task_num'], num_workers=workers,
                                              pin_memory=device.type == 'cuda')

@@ -142,6 +142,7 @@ class Meta(nn.Module):
         maml = cls(argparse.Namespace(**ckpt['hparams']), ckpt['config'])
         saved = next(iter(ckpt['model'].values()))
         maml.to(saved.device, saved.dtype)
+        maml.amp = maml.amp and saved.device.type == 'cuda'   # bf16 autocast is for CUDA only
         maml.net.load_state_dict(ckpt['model'])
         maml.meta_optim.load_state_dict(ckpt['optimizer'])
         return maml

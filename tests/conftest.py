@@ -5,6 +5,9 @@ tests that need it skip, unless MAML_REQUIRE_DATA=1 (set by .ci/run), which make
 """
 import os
 import shutil
+import tarfile
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -31,3 +34,28 @@ def omniglot_root(tmp_path_factory):
     for name in ('images_background.zip', 'images_evaluation.zip'):
         shutil.copyfile(os.path.join(src, name), root / name)
     return str(root)
+
+
+def shared_miniimagenet():
+    """The shared mini-ImageNet folder (shared_data skips, or fails, when it is absent)."""
+    return Path(shared_data('miniimagenet'))
+
+
+def unpacked_split(source, mode):
+    """root/{images/, mode.csv} of one split, unpacked once into the test cache (never into source)."""
+    cache = Path(os.environ.get('MAML_TEST_CACHE') or Path.home() / '.cache' / 'maml-pytorch-tests')
+    root = cache / f'miniimagenet-{mode}'
+    if not (root / f'{mode}.csv').is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        unpacking = Path(tempfile.mkdtemp(prefix=f'.unpack-{mode}-', dir=cache))
+        try:
+            with tarfile.open(source / f'images_{mode}.tar.gz') as tar:
+                tar.extractall(unpacking, filter='data')
+            shutil.copy(source / f'{mode}.csv', unpacking / 'miniimagenet')
+            try:
+                os.rename(unpacking / 'miniimagenet', root)   # atomic: a root is whole or absent
+            except OSError:
+                assert (root / f'{mode}.csv').is_file()        # a concurrent run got there first
+        finally:
+            shutil.rmtree(unpacking, ignore_errors=True)
+    return root

@@ -11,9 +11,6 @@ images_val.tar.gz once into $MAML_TEST_CACHE (default ~/.cache/maml-pytorch-test
 """
 import csv
 import os
-import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +20,7 @@ from PIL import Image
 from torchvision import transforms
 
 import MiniImagenet as mi
-from conftest import shared_data
+from conftest import shared_miniimagenet, unpacked_split
 from MiniImagenet import MiniImagenet, MiniImagenetCache
 
 MEAN = torch.tensor(mi.IMAGENET_MEAN).view(3, 1, 1)
@@ -292,31 +289,6 @@ def test_an_unwritable_cache_folder_says_to_pass_another(root):
 
 
 # the real val split
-
-def shared_miniimagenet():
-    """The shared mini-ImageNet folder (conftest's shared_data skips, or fails, when it is absent)."""
-    return Path(shared_data('miniimagenet'))
-
-
-def unpacked_split(source, mode):
-    """root/{images/, mode.csv} of one split, unpacked once into the test cache (never into source)."""
-    cache = Path(os.environ.get('MAML_TEST_CACHE') or Path.home() / '.cache' / 'maml-pytorch-tests')
-    root = cache / f'miniimagenet-{mode}'
-    if not (root / f'{mode}.csv').is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        unpacking = Path(tempfile.mkdtemp(prefix=f'.unpack-{mode}-', dir=cache))
-        try:
-            with tarfile.open(source / f'images_{mode}.tar.gz') as tar:
-                tar.extractall(unpacking, filter='data')
-            shutil.copy(source / f'{mode}.csv', unpacking / 'miniimagenet')
-            try:
-                os.rename(unpacking / 'miniimagenet', root)   # atomic: a root is whole or absent
-            except OSError:
-                assert (root / f'{mode}.csv').is_file()        # a concurrent run got there first
-        finally:
-            shutil.rmtree(unpacking, ignore_errors=True)
-    return root
-
 
 def test_absent_real_data_skips_unless_required(tmp_path, monkeypatch):
     monkeypatch.setenv('MAML_DATA', str(tmp_path))

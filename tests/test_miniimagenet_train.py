@@ -1,0 +1,53 @@
+"""miniimagenet_train.py end to end on real mini-ImageNet images: it learns above chance, selects
+on validation, and reports the selected model on test."""
+import csv
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, shared_miniimagenet, unpacked_split
+
+CLASSES = {'train': 16, 'val': 5, 'test': 5}
+PER_CLASS = 120
+# Small enough for 2 CPU cores (42x42 images, 16 filters, one inner step), still second-order MAML.
+QUICK = ['--epoch', '300', '--imgsz', '42', '--num_filters', '16', '--update_step', '1',
+         '--update_step_test', '3', '--update_lr', '0.1', '--meta_lr', '3e-3', '--log_every', '50',
+         '--eval_every', '150', '--eval_tasks', '100', '--test_tasks', '200', '--device', 'cpu']
+
+
+def subset_root(tmp_path):
+    """A data root in the real layout holding the first CLASSES[mode] classes of each split with
+    PER_CLASS images each, linked from the archives unpacked by conftest.unpacked_split."""
+    source = shared_miniimagenet()
+    (tmp_path / 'images').mkdir(parents=True)
+    for mode, n_classes in CLASSES.items():
+        full = unpacked_split(source, mode)
+        header, *rows = (full / f'{mode}.csv').read_text().splitlines()
+        by_class = {}
+        for row in rows:
+            by_class.setdefault(row.split(',')[1], []).append(row)
+        chosen = [row for label in sorted(by_class)[:n_classes] for row in by_class[label][:PER_CLASS]]
+        for row in chosen:
+            name = row.split(',')[0]
+            os.symlink(full / 'images' / name, tmp_path / 'images' / name)
+        (tmp_path / f'{mode}.csv').write_text('\n'.join([header] + chosen) + '\n')
+    return tmp_path
+
+
+def test_training_on_real_miniimagenet_learns_and_reports_test_once(tmp_path):
+    root, save_dir = subset_root(tmp_path / 'data'), tmp_path / 'ckpt'
+    run = subprocess.run([sys.executable, os.path.join(REPO, 'miniimagenet_train.py'), '--data', str(root),
+                          '--save_dir', str(save_dir), *QUICK], capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr
+    with open(save_dir / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ['step', 'train_acc', 'val_acc', 'val_ci', 'ms_per_step']
+    val = max(float(r['val_acc']) for r in rows)
+    best = torch.load(save_dir / 'best.pth', weights_only=True)
+    assert best['split'] == 'val' and best['acc'] == val
+    assert best['test_acc'] - best['test_ci'] > 0.21, f"test accuracy {best['test_acc']:.3f} is not above 5-way chance"
+    last_line = run.stdout.strip().splitlines()[-1]
+    assert last_line.startswith(f"test acc of best.pth (step {best['step']}") and 'over 200 tasks' in last_line
+    assert run.stdout.count('test acc') == 1, 'the test split is used once, for the selected model'
