@@ -19,6 +19,8 @@ The whole set lives on `device` as uint8 and each episode is one gather there, s
 no per-step host-to-device copy: that is why no pinned-memory loader is needed for Omniglot.
 """
 import os
+import shutil
+import tempfile
 import urllib.error
 import zipfile
 
@@ -51,13 +53,25 @@ def fetch_archives(root, download=True, base_url=BASE_URL, md5=ARCHIVE_MD5):
             if not download:
                 raise FileNotFoundError(missing_data_message(root))
             _download(base_url + part + '.zip', root, archive, md5[part])
-        try:
-            extract_archive(archive, root)
-        except zipfile.BadZipFile:
-            raise RuntimeError(f"{archive} is not a valid zip file (damaged or cut short); delete it "
-                               f"and run again to download it, or replace it with the official archive.") from None
-        folders.append(os.path.join(root, part))
+        folders.append(_extract(archive, root, part))
     return folders
+
+
+def _extract(archive, root, part):
+    """Extract <part>.zip into a scratch folder, then rename <part>/ into place: an interrupted
+    extraction never passes for a complete one, and zipfile drops absolute and '..' member paths."""
+    scratch = tempfile.mkdtemp(prefix='.extracting-', dir=root)
+    try:
+        extract_archive(archive, scratch)
+        if not os.path.isdir(os.path.join(scratch, part)):
+            raise RuntimeError(f"{archive} holds no {part}/ folder; replace it with the official archive.")
+        os.replace(os.path.join(scratch, part), os.path.join(root, part))
+    except zipfile.BadZipFile:
+        raise RuntimeError(f"{archive} is not a valid zip file (damaged or cut short); delete it "
+                           f"and run again to download it, or replace it with the official archive.") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return os.path.join(root, part)
 
 
 def _download(url, root, archive, md5):

@@ -49,5 +49,6 @@ def test_training_on_real_miniimagenet_learns_and_reports_test_once(tmp_path):
     assert best['split'] == 'val' and best['acc'] == val
     assert best['test_acc'] - best['test_ci'] > 0.21, f"test accuracy {best['test_acc']:.3f} is not above 5-way chance"
     last_line = run.stdout.strip().splitlines()[-1]
+    print(f'\nmini-ImageNet quick run: {last_line}')   # shown by pytest -s; the README quotes it
     assert last_line.startswith(f"test acc of best.pth (step {best['step']}") and 'over 200 tasks' in last_line
     assert run.stdout.count('test acc') == 1, 'the test split is used once, for the selected model'

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import threading
+import zipfile
 
 import pytest
 import torch
@@ -85,8 +86,8 @@ def test_cache_is_reused_and_each_size_has_its_own(omniglot_root, tmp_path, monk
 
 
 def test_seed_style_processed_extraction_is_used_without_network(omniglot_root, tmp_path):
-    for name in ('images_background', 'images_evaluation'):
-        shutil.copytree(os.path.join(omniglot_root, name), tmp_path / 'processed' / name)
+    for folder in fetch_archives(omniglot_root, download=False):
+        shutil.copytree(folder, tmp_path / 'processed' / os.path.basename(folder))
     folders = fetch_archives(str(tmp_path), download=False)
     assert folders == [str(tmp_path / 'processed' / n) for n in ('images_background', 'images_evaluation')]
 
@@ -138,3 +139,16 @@ def test_a_damaged_zip_is_named(tmp_path):
     (tmp_path / 'images_background.zip').write_bytes(b'not a zip')
     with pytest.raises(RuntimeError, match='images_background.zip is not a valid zip file'):
         fetch_archives(str(tmp_path), download=False)
+
+
+def test_extraction_stays_inside_root_and_needs_the_expected_folder(tmp_path):
+    root = tmp_path / 'root'
+    root.mkdir()
+    with zipfile.ZipFile(root / 'images_background.zip', 'w') as z:
+        z.writestr('../../escaped.txt', 'outside')
+        z.writestr('something_else/a.png', '')
+    with pytest.raises(RuntimeError, match='holds no images_background/ folder'):
+        fetch_archives(str(root), download=False)
+    assert not list(tmp_path.rglob('escaped.txt')) and not list(tmp_path.rglob('something_else'))
+    assert sorted(os.listdir(root)) == ['images_background.zip']
+
