@@ -24,9 +24,10 @@ import torch.nn.functional as F
 
 BN_EPS = 1e-5
 
-# layers that own a (weight, bias) pair of parameters; the others are functions of x and their params
+# layers that own a (weight, bias) pair of parameters
 _PARAMETRIC = {'conv2d', 'convt2d', 'linear', 'bn'}
-_ACTIVATIONS = {
+# layers without parameters: functions of x and the layer's config params p
+_FUNCTIONS = {
     'relu': lambda x, p: F.relu(x),
     'leakyrelu': lambda x, p: F.leaky_relu(x, negative_slope=p[0] if p else 0.01),
     'tanh': lambda x, p: torch.tanh(x),
@@ -37,7 +38,7 @@ _ACTIVATIONS = {
     'avg_pool2d': lambda x, p: F.avg_pool2d(x, p[0], p[1], p[2] if len(p) > 2 else 0),
     'upsample': lambda x, p: F.interpolate(x, scale_factor=p[0], mode='nearest'),
 }
-LAYER_NAMES = sorted(_PARAMETRIC | set(_ACTIVATIONS))
+LAYER_NAMES = sorted(_PARAMETRIC | set(_FUNCTIONS))
 
 
 def batch_norm(x, weight, bias):
@@ -102,7 +103,7 @@ class Learner(nn.Module):
             return F.linear(x, params[j], params[j + 1])
         if name == 'bn':
             return batch_norm(x, params[j], params[j + 1])
-        return _ACTIVATIONS[name](x, p)
+        return _FUNCTIONS[name](x, p)
 
     def forward(self, x, params=None):
         """x: [batch, imgc, imgsz, imgsz]; params: None (own), a dict by name, or a list in order."""

@@ -194,20 +194,22 @@ def fit(maml, loader, next_train_batch, validate, args, split='test'):
     tic, tic_step = time.perf_counter(), start
     for step in range(start + 1, args.epoch + 1):
         log = step % args.log_every == 0
+        evaluate_now = step % args.eval_every == 0 or step == args.epoch
         loss, accs = maml.meta_loss(*next_train_batch(), track_steps=log)
         maml.meta_update(loss)
-        if log:
+        if log or evaluate_now:   # the only steps that wait for the device
             loss = loss.item()
             if not math.isfinite(loss):
                 raise RuntimeError(f"The meta-loss became {loss} at step {step}; lower --meta_lr or "
                                    f"--update_lr, or set --grad_clip (saved checkpoints are untouched).")
+        if log:
             accs = accs.tolist()
             train_accs = accs[-1]
             ms_per_step = 1e3 * (time.perf_counter() - tic) / (step - tic_step)
             tic, tic_step = time.perf_counter(), step
             print(f'step {step:6d}  loss {loss:.4f}  train acc {format_accs(accs)}  '
                   f'{ms_per_step:.1f} ms/step  {1e3 * images_per_step / ms_per_step:.0f} img/s')
-        if step % args.eval_every == 0 or step == args.epoch:
+        if evaluate_now:
             t = time.perf_counter()
             mean, half = mean_ci(validate())
             acc, ci = float(mean[-1]), float(half[-1])

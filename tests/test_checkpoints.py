@@ -88,3 +88,16 @@ def test_resume_continues_from_the_saved_step_and_a_fresh_run_never_overwrites(t
     assert [r.split(',')[0] for r in rows[1:]] == ['2', '4', '6']
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
     assert last['step'] == 6 and torch.equal(last['model']['vars.0'], maml.net.vars[0].detach())
+
+
+def test_a_nan_loss_stops_training_before_it_reaches_a_checkpoint(tmp_path):
+    run_fit(tmp_path, epoch=2)
+    saved = (tmp_path / 'last.pth').read_bytes()
+    maml, loader = make_meta(), ListLoader()
+    loader.tasks = (loader.tasks[0] * float('nan'), *loader.tasks[1:])
+    args = argparse.Namespace(epoch=4, task_num=3, n_way=4, k_spt=2, k_qry=3, log_every=10, eval_every=4,
+                              eval_tasks=3, save_dir=str(tmp_path), keep=2, resume=str(tmp_path / 'last.pth'))
+    with pytest.raises(RuntimeError, match='meta-loss became nan at step 4'):
+        fit(maml, loader, loader.next, lambda: maml.finetunning(*loader.tasks).numpy(), args)
+    assert (tmp_path / 'last.pth').read_bytes() == saved
+
