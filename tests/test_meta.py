@@ -136,3 +136,15 @@ def test_gradient_clipping_bounds_the_meta_gradient():
 def test_inner_steps_below_one_are_refused():
     with pytest.raises(ValueError, match='at least 1'):
         make_meta(update_step=0)
+
+
+def test_compiled_meta_step_matches_eager():
+    tasks = [t.float() if t.is_floating_point() else t for t in make_tasks()]
+    eager, compiled = make_meta(update_step=2).float(), make_meta(update_step=2).float().compile()
+    loss, accs = eager.meta_loss(*tasks)
+    loss_c, accs_c = compiled.meta_loss(*tasks)
+    grad = flat(torch.autograd.grad(loss, list(eager.net.parameters())))
+    grad_c = flat(torch.autograd.grad(loss_c, list(compiled.net.parameters())))
+    assert abs(loss.item() - loss_c.item()) < 1e-5 and torch.equal(accs, accs_c)
+    assert rel_err(grad_c, grad) < 1e-4
+

@@ -52,3 +52,13 @@ def test_training_on_real_miniimagenet_learns_and_reports_test_once(tmp_path):
     print(f'\nmini-ImageNet quick run: {last_line}')   # shown by pytest -s; the README quotes it
     assert last_line.startswith(f"test acc of best.pth (step {best['step']}") and 'over 200 tasks' in last_line
     assert run.stdout.count('test acc') == 1, 'the test split is used once, for the selected model'
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    run = subprocess.run([sys.executable, os.path.join(REPO, 'miniimagenet_train.py'), '--data',
+                          str(tmp_path / 'nowhere'), '--save_dir', str(tmp_path / 'ckpt'), '--device', 'cpu'],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and 'does not exist' in lines[0] and 'images/*.jpg' in lines[0]
+
