@@ -12,10 +12,9 @@ only at the end, to report the selected model (best.pth) over --test_tasks tasks
 """
 import os
 
-from meta import Meta, load_checkpoint
+from meta import Meta
 from MiniImagenet import MiniImagenetCache
-from trainer import (atomic_save, check_args, common_args, describe, evaluate, fit, format_accs, mean_ci,
-                     run_main, setup_device)
+from trainer import check_args, common_args, describe, evaluate, fit, report_test, run_main, setup_device
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'miniimagenet')
 EVAL_SEED = 12345   # the validation tasks of every evaluation, so that checkpoints compare on equal terms
@@ -36,7 +35,6 @@ def main():
     parser = common_args(__doc__.strip().splitlines()[0], epoch=60000, n_way=5, k_spt=1, k_qry=15, imgsz=84,
                          imgc=3, task_num=4, meta_lr=1e-3, update_lr=0.01, update_step=5, update_step_test=10,
                          num_filters=32, data=DATA_ROOT, log_every=30)
-    parser.add_argument('--test_tasks', type=int, default=600, help='test tasks for the final report')
     args = parser.parse_args()
     check_args(args)
     device = setup_device(args)
@@ -55,12 +53,8 @@ def main():
     ckpts = fit(maml, train, lambda: train.sample(args.task_num, args.n_way, args.k_spt, args.k_qry),
                 lambda: tasks('val', args.eval_tasks), args, split='val')
 
-    best_path = ckpts.path('best.pth')
-    selected = load_checkpoint(best_path, map_location=device)
-    mean, half = mean_ci(tasks('test', args.test_tasks, Meta.from_checkpoint(best_path, map_location=device)))
-    print(f"test acc of best.pth (step {selected['step']}, val acc {selected['acc']:.4f}): "
-          f"{mean[-1]:.4f} +- {half[-1]:.4f} over {args.test_tasks} tasks  by step: {format_accs(mean)}")
-    atomic_save({**selected, 'test_acc': float(mean[-1]), 'test_ci': float(half[-1])}, best_path)
+    report_test(ckpts, lambda best: tasks('test', args.test_tasks, best), args.test_tasks, device)
+
 
 if __name__ == '__main__':
     run_main(main)

@@ -3,7 +3,7 @@ N-way K-shot Omniglot episodes, sampled on the device that trains.
 
     db = OmniglotNShot('data/omniglot', batchsz=32, n_way=5, k_shot=1, k_query=15, imgsz=28,
                        device='cuda')
-    x_spt, y_spt, x_qry, y_qry = db.next('train')   # or db.next('test')
+    x_spt, y_spt, x_qry, y_qry = db.next('train')   # or 'test' (or 'val', with val_classes)
     # x_spt [32, 5*1, 1, 28, 28] float32 in [0, 1], y_spt [32, 5] int64 in 0..4, already on `device`
 
 Where the data comes from, first match wins:
@@ -12,8 +12,9 @@ Where the data comes from, first match wins:
     <root>/images_background.zip, images_evaluation.zip  the official archives, extracted here
     BASE_URL                                          downloaded into <root>, MD5-checked
 The 1623 characters are split by a seeded permutation (never filesystem order) into 1200 for
-meta-training and 423 for test, as in the paper; `rotate=True` adds each training character
-rotated by 90, 180 and 270 degrees as three new classes (the paper's augmentation).
+meta-training and 423 for test, as in the paper; `val_classes=100` holds 100 of the 1200 out as
+a 'val' split for choosing checkpoints (the official code's 1100 + 100). `rotate=True` adds each
+training character rotated by 90, 180 and 270 degrees as three new classes (the paper's augmentation).
 
 The whole set lives on `device` as uint8 and each episode is one gather there, so training does
 no per-step host-to-device copy: that is why no pinned-memory loader is needed for Omniglot.
@@ -133,7 +134,7 @@ def _read_png(path, imgsz):
 class OmniglotNShot:
 
     def __init__(self, root, batchsz, n_way, k_shot, k_query, imgsz=28, device='cpu',
-                 rotate=False, download=True, seed=0):
+                 rotate=False, download=True, seed=0, val_classes=0):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWINGS:
             raise ValueError(f"Omniglot has {DRAWINGS} drawings per character, so k_spt={k_shot} and "
                              f"k_qry={k_query} cannot both be drawn; use k_spt, k_qry >= 1 with "
@@ -141,21 +142,28 @@ class OmniglotNShot:
         self.batchsz, self.n_way, self.k_shot, self.k_query = batchsz, n_way, k_shot, k_query
         self.imgsz, self.device = imgsz, torch.device(device)
         images, self.classes = load_images(root, imgsz, download)
-        split = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
-        train, test = images[split[:N_TRAIN_CLASSES]], images[split[N_TRAIN_CLASSES:]]
-        if rotate:
-            train = torch.cat([train.rot90(k, dims=(-2, -1)) for k in range(4)])
-        self.class_ids = {'train': split[:N_TRAIN_CLASSES].repeat(4 if rotate else 1),
-                          'test': split[N_TRAIN_CLASSES:]}
+        if not 0 <= val_classes <= N_TRAIN_CLASSES - n_way:
+            raise ValueError(f"val_classes={val_classes} must lie between 0 and {N_TRAIN_CLASSES - n_way}, "
+                             f"so that {n_way}-way training tasks remain.")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        n_train = N_TRAIN_CLASSES - val_classes
+        self.class_ids = {'train': order[:n_train], 'val': order[n_train:N_TRAIN_CLASSES],
+                          'test': order[N_TRAIN_CLASSES:]}
+        if not val_classes:
+            del self.class_ids['val']
         # each split as a flat store [classes * 20, 1, s, s] and the table of its classes' positions
         self.data, self.index_table, self.counts = {}, {}, {}
-        for mode, images in (('train', train), ('test', test)):
-            if n_way > len(images):
-                raise ValueError(f"n_way={n_way} is more than the {len(images)} Omniglot {mode} classes; "
+        for mode, ids in self.class_ids.items():
+            split = images[ids]
+            if mode == 'train' and rotate:
+                split = torch.cat([split.rot90(k, dims=(-2, -1)) for k in range(4)])
+                self.class_ids[mode] = ids.repeat(4)
+            if n_way > len(split):
+                raise ValueError(f"n_way={n_way} is more than the {len(split)} Omniglot {mode} classes; "
                                  f"lower --n_way.")
-            self.data[mode] = images.reshape(-1, 1, imgsz, imgsz).to(self.device)
-            self.index_table[mode] = torch.arange(len(images) * DRAWINGS, device=self.device).view(-1, DRAWINGS)
-            self.counts[mode] = torch.full((len(images),), DRAWINGS, device=self.device)
+            self.data[mode] = split.reshape(-1, 1, imgsz, imgsz).to(self.device)
+            self.index_table[mode] = torch.arange(len(split) * DRAWINGS, device=self.device).view(-1, DRAWINGS)
+            self.counts[mode] = torch.full((len(split),), DRAWINGS, device=self.device)
         self.generators = {mode: torch.Generator(self.device) for mode in self.data}
         for i, mode in enumerate(self.data):
             self.reset(mode, seed + i)

@@ -7,7 +7,9 @@ Meta-train MAML on Omniglot (N-way K-shot classification, Finn et al. 2017, sect
 
 Omniglot is downloaded into DATA_ROOT (or --data) when it is missing. Every --eval_every steps the
 model is fine-tuned on --eval_tasks test tasks (the same tasks each time) and the accuracy after each
-fine-tuning step is printed as mean +- 95% CI; checkpoints go to --save_dir (see trainer.py).
+fine-tuning step is printed as mean +- 95% CI; checkpoints go to --save_dir (see trainer.py). With
+--val_classes 100 the checkpoints are ranked on 100 held-out training characters instead, and the
+test characters are used once, at the end, to report best.pth.
 """
 import os
 
@@ -15,7 +17,7 @@ import torch
 
 from meta import Meta
 from omniglotNShot import OmniglotNShot
-from trainer import common_args, check_args, describe, evaluate, fit, run_main, setup_device
+from trainer import check_args, common_args, describe, evaluate, fit, report_test, run_main, setup_device
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'omniglot')
 EVAL_SEED = 12345   # the test tasks of every evaluation, so that checkpoints compare on equal terms
@@ -36,20 +38,27 @@ def main():
                          update_step_test=10, num_filters=64, data=DATA_ROOT, log_every=100)
     parser.add_argument('--rotate', action='store_true',
                         help='add each training character rotated by 90/180/270 degrees as new classes')
+    parser.add_argument('--val_classes', type=int, default=0,
+                        help='training characters held out to rank checkpoints (the official code: 100); '
+                             'with 0 they are ranked on the test characters, as in the paper and the seed')
     args = parser.parse_args()
     check_args(args)
     device = setup_device(args)
 
     db = OmniglotNShot(args.data, batchsz=args.task_num, n_way=args.n_way, k_shot=args.k_spt,
-                       k_query=args.k_qry, imgsz=args.imgsz, device=device, rotate=args.rotate, seed=args.seed)
+                       k_query=args.k_qry, imgsz=args.imgsz, device=device, rotate=args.rotate, seed=args.seed,
+                       val_classes=args.val_classes)
     maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters)).to(device)
     print(f'{describe(device)}\n{maml.net}\n{vars(args)}')
 
-    def test_tasks():
-        db.reset('test', EVAL_SEED)
-        return evaluate(maml, lambda: db.next('test'), args.eval_tasks)
+    def tasks(mode, n_tasks, net=maml):
+        db.reset(mode, EVAL_SEED)
+        return evaluate(net, lambda: db.next(mode), n_tasks)
 
-    fit(maml, db, lambda: db.next('train'), test_tasks, args, split='test')
+    split = 'val' if args.val_classes else 'test'
+    ckpts = fit(maml, db, lambda: db.next('train'), lambda: tasks(split, args.eval_tasks), args, split=split)
+    if split == 'val':
+        report_test(ckpts, lambda best: tasks('test', args.test_tasks, best), args.test_tasks, device)
 
 
 if __name__ == '__main__':

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.stats
 import torch
 
-from meta import load_checkpoint
+from meta import Meta, load_checkpoint
 
 
 def common_args(description, **defaults):
@@ -51,6 +51,8 @@ def common_args(description, **defaults):
     p.add_argument('--log_every', type=int, help='steps between training log lines')
     p.add_argument('--eval_every', type=int, default=500, help='steps between evaluations')
     p.add_argument('--eval_tasks', type=int, default=600, help='tasks per evaluation')
+    p.add_argument('--test_tasks', type=int, default=600,
+                   help='test tasks for the final report, when checkpoints are ranked on a validation split')
     p.add_argument('--save_dir', default='checkpoints')
     p.add_argument('--keep', type=int, default=3, help='checkpoints kept, best first')
     p.add_argument('--resume', help='checkpoint to continue from, e.g. checkpoints/last.pth')
@@ -60,7 +62,7 @@ def common_args(description, **defaults):
 
 def check_args(args):
     for name in ('epoch', 'n_way', 'k_spt', 'k_qry', 'imgsz', 'task_num', 'update_step',
-                 'update_step_test', 'log_every', 'eval_every', 'eval_tasks', 'keep'):
+                 'update_step_test', 'log_every', 'eval_every', 'eval_tasks', 'test_tasks', 'keep'):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} is {getattr(args, name)} but must be at least 1.")
     if args.n_way < 2:
@@ -221,6 +223,17 @@ def fit(maml, loader, next_train_batch, validate, args, split='test'):
                            ms_per_step=ms_per_step)
             tic, tic_step = time.perf_counter(), step
     return ckpts
+
+
+def report_test(ckpts, test_accs, n_tasks, device):
+    """Evaluate the selected model, best.pth, once on the test split: `test_accs(maml)` returns
+    accs [tasks, steps+1]. Prints the result and adds it to best.pth as test_acc and test_ci."""
+    best_path = ckpts.path('best.pth')
+    selected = load_checkpoint(best_path, map_location=device)
+    mean, half = mean_ci(test_accs(Meta.from_checkpoint(best_path, map_location=device)))
+    print(f"test acc of best.pth (step {selected['step']}, {selected['split']} acc {selected['acc']:.4f}): "
+          f"{mean[-1]:.4f} +- {half[-1]:.4f} over {n_tasks} tasks  by step: {format_accs(mean)}")
+    atomic_save({**selected, 'test_acc': float(mean[-1]), 'test_ci': float(half[-1])}, best_path)
 
 
 def plain_dict(args):

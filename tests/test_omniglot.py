@@ -50,6 +50,17 @@ def test_class_split_is_the_papers_and_seeded(db, omniglot_root):
     assert torch.equal(again.class_ids['test'], test)
 
 
+def test_validation_characters_come_out_of_the_training_split(db, omniglot_root):
+    held_out = OmniglotNShot(omniglot_root, batchsz=2, n_way=5, k_shot=1, k_query=1, val_classes=100)
+    train, val, test = (set(held_out.class_ids[m].tolist()) for m in ('train', 'val', 'test'))
+    assert (len(train), len(val), len(test)) == (1100, 100, 423)
+    assert train | val == set(db.class_ids['train'].tolist()) and not train & val
+    assert set(held_out.class_ids['test'].tolist()) == set(db.class_ids['test'].tolist())
+    assert held_out.next('val')[0].shape == (2, 5, 1, 28, 28)
+    with pytest.raises(ValueError, match='val_classes=1199 must lie between 0 and 1195'):
+        OmniglotNShot(omniglot_root, batchsz=2, n_way=5, k_shot=1, k_query=1, val_classes=1199)
+
+
 def test_rotation_adds_three_rotated_copies_of_each_training_class(omniglot_root):
     rotated = OmniglotNShot(omniglot_root, batchsz=2, n_way=5, k_shot=1, k_query=1, rotate=True)
     train = rotated.data['train'].view(4800, DRAWINGS, 28, 28)

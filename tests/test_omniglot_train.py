@@ -50,6 +50,16 @@ def test_training_on_real_omniglot_learns_and_saves_loadable_checkpoints(omniglo
     assert 'resumed from' in resumed.stdout and 'step    310' in resumed.stdout
 
 
+def test_validation_characters_rank_checkpoints_and_test_is_reported_once(omniglot_root, tmp_path):
+    run = train('--data', omniglot_root, '--save_dir', str(tmp_path), *QUICK, '--epoch', '20',
+                '--eval_every', '10', '--eval_tasks', '20', '--test_tasks', '40', '--val_classes', '100')
+    assert run.returncode == 0, run.stderr
+    assert 'val acc' in run.stdout and run.stdout.count('test acc') == 1
+    best = torch.load(os.path.join(str(tmp_path), 'best.pth'), weights_only=True)
+    assert best['split'] == 'val' and 0 <= best['test_acc'] <= 1 and best['test_ci'] > 0
+    assert run.stdout.strip().splitlines()[-1].startswith(f"test acc of best.pth (step {best['step']}, val acc")
+
+
 def test_impossible_flags_end_in_one_clear_line(omniglot_root, tmp_path):
     run = train('--data', omniglot_root, '--save_dir', str(tmp_path), '--k_spt', '10', '--k_qry', '15')
     assert run.returncode == 1
