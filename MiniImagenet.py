@@ -199,6 +199,7 @@ class MiniImagenetCache:
     def _place(self, images, split, seed, keep_on_device):
         """Put the uint8 images [N, 3, r, r] where sampling will gather them (see the class doc)."""
         self.split, self.class_names, self.n_classes = split, split['class_names'], len(split['class_names'])
+        self._checked_task = None
         if keep_on_device is None:
             keep_on_device = (self.device.type != 'cuda'
                               or images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 2)
@@ -296,7 +297,9 @@ class MiniImagenetCache:
         generator: a torch.Generator on self.index_device, instead of the sampler's own.
         return_classes: also return classes [b, n_way], indices into class_names, label order.
         """
-        check_task(self.split, self.mode, n_way, k_shot, k_query)
+        if (n_way, k_shot, k_query) != self._checked_task:   # once per task shape, not every step
+            check_task(self.split, self.mode, n_way, k_shot, k_query)
+            self._checked_task = (n_way, k_shot, k_query)
         classes, support, y_spt, query, y_qry = draw_tasks(
             self.index_table, self.counts, batchsz, n_way, k_shot, k_query, generator or self.generator)
         batch = (self._gather(support), y_spt.to(self.device, non_blocking=True),

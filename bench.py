@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import Counter
 
 import numpy as np
 import torch

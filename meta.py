@@ -138,7 +138,11 @@ class Meta(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, map_location=None):
         """A ready Meta (weights and meta-optimizer state) from a checkpoint file."""
-        ckpt = load_checkpoint(path, map_location)
+        return cls.from_state(load_checkpoint(path, map_location))
+
+    @classmethod
+    def from_state(cls, ckpt):
+        """A ready Meta from a checkpoint dict already loaded by `load_checkpoint`."""
         maml = cls(argparse.Namespace(**ckpt['hparams']), ckpt['config'])
         saved = next(iter(ckpt['model'].values()))
         maml.to(saved.device, saved.dtype)

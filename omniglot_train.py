@@ -13,8 +13,6 @@ test characters are used once, at the end, to report best.pth.
 """
 import os
 
-import torch
-
 from meta import Meta
 from omniglotNShot import OmniglotNShot
 from trainer import check_args, common_args, describe, evaluate, fit, report_test, run_main, setup_device

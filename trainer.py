@@ -230,7 +230,7 @@ def report_test(ckpts, test_accs, n_tasks, device):
     accs [tasks, steps+1]. Prints the result and adds it to best.pth as test_acc and test_ci."""
     best_path = ckpts.path('best.pth')
     selected = load_checkpoint(best_path, map_location=device)
-    mean, half = mean_ci(test_accs(Meta.from_checkpoint(best_path, map_location=device)))
+    mean, half = mean_ci(test_accs(Meta.from_state(selected)))
     print(f"test acc of best.pth (step {selected['step']}, {selected['split']} acc {selected['acc']:.4f}): "
           f"{mean[-1]:.4f} +- {half[-1]:.4f} over {n_tasks} tasks  by step: {format_accs(mean)}")
     atomic_save({**selected, 'test_acc': float(mean[-1]), 'test_ci': float(half[-1])}, best_path)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from meta import Meta, load_checkpoint
-from test_meta import CONFIG, make_meta, make_tasks
+from test_meta import make_meta, make_tasks
 from trainer import Checkpoints, atomic_save, fit
 
 
