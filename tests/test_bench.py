@@ -13,8 +13,16 @@ def test_reference_step_makes_the_same_meta_update_as_meta(first_order):
     ours, ref = make_meta(first_order=first_order), make_meta(first_order=first_order)
     accs = ours(*tasks)
     ref_accs = reference_step(ref, *tasks)
-    for a, b in zip(ours.net.parameters(), ref.net.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    grads = [(a.grad, b.grad) for a, b in zip(ours.net.parameters(), ref.net.parameters())]
+    scale = max(g.abs().max().item() for g, _ in grads)
+    for g, g_ref in grads:
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-10 * scale)
+    # A conv bias feeds batch norm, so its exact meta-gradient is 0 and Adam turns the rounding
+    # noise of either side into a step of about meta_lr: compare the update only where the
+    # gradient is well defined.
+    for (a, b), (g, _) in zip(zip(ours.net.parameters(), ref.net.parameters()), grads):
+        if g.abs().max() > 1e-6 * scale:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert accs.tolist() == pytest.approx(ref_accs.tolist())
 
 
