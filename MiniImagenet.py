@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from errors import DamagedError, FlagError, MissingError, RunError
 from episodes import draw_tasks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -51,27 +52,27 @@ def read_split(root, mode):
     """
     csv_path, image_dir = os.path.join(root, f'{mode}.csv'), os.path.join(root, 'images')
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"MiniImagenet root '{root}' does not exist; {LAYOUT_HELP}.")
+        raise MissingError(f"MiniImagenet root '{root}' does not exist; {LAYOUT_HELP}.")
     for path in (csv_path, image_dir):
         if not os.path.exists(path):
-            raise FileNotFoundError(f"MiniImagenet root '{root}' has no {os.path.basename(path)}; "
+            raise MissingError(f"MiniImagenet root '{root}' has no {os.path.basename(path)}; "
                                     f"{LAYOUT_HELP}.")
     with open(csv_path, 'rb') as f:
         csv_bytes = f.read()
     rows = list(csv.reader(csv_bytes.decode('utf-8-sig').splitlines()))
     if not rows or [field.strip() for field in rows[0]] != CSV_HEADER:
-        raise ValueError(f"{csv_path} starts with {rows[0] if rows else 'nothing'}, not the header "
+        raise DamagedError(f"{csv_path} starts with {rows[0] if rows else 'nothing'}, not the header "
                          f"'filename,label'; use the split CSVs of the mini-ImageNet release.")
     by_class = {}
     for line, row in enumerate(rows[1:], start=2):
         if len(row) != 2:
-            raise ValueError(f"line {line} of {csv_path} has {len(row)} fields, not 2 "
+            raise DamagedError(f"line {line} of {csv_path} has {len(row)} fields, not 2 "
                              f"(filename,label); fix or replace the CSV.")
         by_class.setdefault(row[1], []).append(row[0])
     present = set(os.listdir(image_dir))
     missing = [name for names in by_class.values() for name in names if name not in present]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of the images listed in {csv_path} are missing from "
+        raise MissingError(f"{len(missing)} of the images listed in {csv_path} are missing from "
                                 f"{image_dir} (first: {', '.join(missing[:3])}); unpack "
                                 f"images_{mode}.tar.gz so that root/images/ holds them.")
     counts = np.array([len(names) for names in by_class.values()], dtype=np.int64)
@@ -86,12 +87,12 @@ def read_split(root, mode):
 def check_task(split, mode, n_way, k_shot, k_query):
     """Fail clearly when the split cannot give n_way-way tasks of k_shot + k_query images per class."""
     if n_way > len(split['class_names']):
-        raise ValueError(f"n_way={n_way} is more than the {len(split['class_names'])} classes of "
+        raise FlagError(f"n_way={n_way} is more than the {len(split['class_names'])} classes of "
                          f"{mode}.csv; lower n_way.")
     small = np.flatnonzero(split['counts'] < k_shot + k_query)
     if len(small):
         c = small[0]
-        raise ValueError(f"class {split['class_names'][c]} of {mode}.csv has {split['counts'][c]} "
+        raise FlagError(f"class {split['class_names'][c]} of {mode}.csv has {split['counts'][c]} "
                          f"images, fewer than k_shot + k_query = {k_shot + k_query}; lower k_shot "
                          f"or k_query.")
 
@@ -105,7 +106,7 @@ def load_image(path, resize):
                 im = im.resize((resize, resize), Image.BILINEAR)
             return np.array(im).transpose(2, 0, 1)   # a writable copy, unlike np.asarray
     except OSError as e:    # PIL.UnidentifiedImageError and truncated files are OSErrors
-        raise RuntimeError(f"cannot decode image {path} ({e}); replace it with the file from the "
+        raise DamagedError(f"cannot decode image {path} ({e}); replace it with the file from the "
                            f"archive.") from None
 
 
@@ -231,7 +232,7 @@ class MiniImagenetCache:
             tmp_path = f'{self.cache_path}.tmp{os.getpid()}'
             np.lib.format.open_memmap(tmp_path, mode='w+', dtype=np.uint8, shape=shape).flush()
         except OSError as e:
-            raise RuntimeError(f"cannot write the image cache {self.cache_path} ({e}); pass "
+            raise RunError(f"cannot write the image cache {self.cache_path} ({e}); pass "
                                f"cache_dir= a writable folder.") from None
         total = shape[0]
         # about 4 jobs per worker, so that a slow worker does not hold up the end

@@ -4,7 +4,7 @@ The base network of MAML, built from a config list of (name, params) layers.
     config = [
         ('conv2d', [64, 1, 3, 3, 2, 1]),   # [ch_out, ch_in, kernel, kernel, stride, padding]
         ('bn', [64]),
-        ('relu', [True]),
+        ('relu', []),                      # the seed's ('relu', [True]) also works (see below)
         ('flatten', []),
         ('linear', [5, 64 * 14 * 14]),     # [out, in]
     ]
@@ -22,11 +22,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import FlagError
+
 BN_EPS = 1e-5
 
 # layers that own a (weight, bias) pair of parameters
 _PARAMETRIC = {'conv2d', 'convt2d', 'linear', 'bn'}
-# layers without parameters: functions of x and the layer's config params p
+# layers without parameters: functions of x and the layer's config params p. relu's params, the
+# seed's in-place flag [True], are accepted and ignored: an in-place op would overwrite a value that
+# the second-order backward pass still needs.
 _FUNCTIONS = {
     'relu': lambda x, p: F.relu(x),
     'leakyrelu': lambda x, p: F.leaky_relu(x, negative_slope=p[0] if p else 0.01),
@@ -60,7 +64,7 @@ class Learner(nn.Module):
         self.vars = nn.ParameterList()
         for i, (name, param) in enumerate(self.config):
             if name not in LAYER_NAMES:
-                raise ValueError(f"Learner config layer {i} is '{name}', which is not a known layer; "
+                raise FlagError(f"Learner config layer {i} is '{name}', which is not a known layer; "
                                  f"use one of {', '.join(LAYER_NAMES)}.")
             if name in ('conv2d', 'convt2d', 'linear'):
                 # conv2d weight is [out, in, k, k]; the seed stores convt2d as [in, out, k, k]
@@ -88,7 +92,7 @@ class Learner(nn.Module):
                     x = self._layer(i, x, params)
                 except RuntimeError as e:
                     name, param = self.config[i]
-                    raise ValueError(f"Learner config layer {i} ('{name}', {param}) does not fit the "
+                    raise FlagError(f"Learner config layer {i} ('{name}', {param}) does not fit the "
                                      f"input of shape {list(x.shape[1:])} it receives ({e}); "
                                      f"change its params to match.") from None
 

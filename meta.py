@@ -1,10 +1,10 @@
 """
 The MAML meta-learner (Finn, Abbeel, Levine 2017, Algorithm 2), all tasks of a meta-batch at once.
 
-    maml = Meta(args, config)               # args: update_lr, meta_lr, n_way, k_spt, k_qry, task_num,
-                                            #       update_step, update_step_test, imgc, imgsz
+    maml = Meta(config, imgc=1, imgsz=28, update_lr=0.4, update_step=1)   # keywords, or the seed's
+    maml = Meta(args, config)               # Meta(args, config), args an argparse Namespace
     accs = maml(x_spt, y_spt, x_qry, y_qry) # one meta-update; x_*: [task_num, setsz, c, h, w]
-    accs = maml.finetunning(x_spt, y_spt, x_qry, y_qry)   # evaluate, meta-parameters untouched
+    accs = maml.finetune(x_spt, y_spt, x_qry, y_qry)      # evaluate, meta-parameters untouched
 
     maml = Meta.from_checkpoint('checkpoints/best.pth')    # in a notebook
     fast_weights = maml.adapt(x_spt, y_spt)                # one task: [setsz, c, h, w]
@@ -14,40 +14,62 @@ Algorithm 2, line by line:
     line 3   sample a batch of tasks                  -> the caller (the episode loaders)
     lines 5-6 theta'_i = theta - alpha grad L_Ti(theta) -> `_inner_loop`, `update_step` times
     line 8   query loss L_Ti(theta'_i)                -> `_task`
-    line 10  theta <- theta - beta grad sum_i L_Ti      -> `meta_update` (Adam, as in the paper)
+    line 10  theta <- theta - beta grad sum_i L_Ti      -> `meta_update` (Adam, as in the paper),
+                                                           on the mean over tasks rather than the
+                                                           sum, so that meta_lr does not depend on
+                                                           task_num
 The loop over tasks (line 4) is `torch.func.vmap`. Inner gradients come from `torch.func.grad`,
 whose result stays differentiable with respect to theta, so `loss.backward()` yields the true
 second-order meta-gradient; with `first_order` they are detached (the paper's first-order MAML).
 """
-import argparse
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from errors import DamagedError, FlagError, MissingError
 from learner import Learner
 
-HPARAMS = ('update_lr', 'meta_lr', 'n_way', 'k_spt', 'k_qry', 'task_num',
-           'update_step', 'update_step_test', 'imgc', 'imgsz')
+# Meta's hyperparameters and their defaults (the seed's Omniglot settings); the network's input
+# shape, imgc and imgsz, has no default. A checkpoint stores these to rebuild the learner.
+DEFAULTS = dict(update_lr=0.4, meta_lr=1e-3, update_step=5, update_step_test=10, first_order=False,
+                grad_clip=0.0, amp=False)
+SHAPE = ('imgc', 'imgsz')
 
 
 class Meta(nn.Module):
 
-    def __init__(self, args, config):
+    def __init__(self, args=None, config=None, **hparams):
+        """Meta(config, imgc=..., imgsz=..., **hparams) or, as in the seed, Meta(args, config) with an
+        argparse Namespace whose attributes named in DEFAULTS and SHAPE are read (others ignored);
+        keywords override args. `compile=MODE` compiles the step (see `compile`)."""
         super().__init__()
-        for name in HPARAMS:
-            setattr(self, name, getattr(args, name))
+        if config is None and isinstance(args, (list, tuple)):
+            args, config = None, args
+        if config is None:
+            raise TypeError("Meta needs a network config list: Meta(config, imgc=..., imgsz=...).")
+        compile_mode = hparams.pop('compile', getattr(args, 'compile', None))
+        unknown = set(hparams) - set(DEFAULTS) - set(SHAPE)
+        if unknown:
+            raise TypeError(f"Meta got unknown hyperparameters {sorted(unknown)}; it takes "
+                            f"{', '.join([*DEFAULTS, *SHAPE])}.")
+        from_args = {name: getattr(args, name) for name in (*DEFAULTS, *SHAPE)
+                     if getattr(args, name, None) is not None}
+        settings = {**DEFAULTS, **from_args, **hparams}
+        missing = [name for name in SHAPE if name not in settings]
+        if missing:
+            raise TypeError(f"Meta needs the input shape: pass {' and '.join(missing)}.")
+        self.update_lr, self.meta_lr = float(settings['update_lr']), float(settings['meta_lr'])
+        self.update_step, self.update_step_test = int(settings['update_step']), int(settings['update_step_test'])
         if self.update_step < 1 or self.update_step_test < 1:
-            raise ValueError(f"update_step ({self.update_step}) and update_step_test "
-                             f"({self.update_step_test}) must be at least 1.")
-        self.first_order = bool(getattr(args, 'first_order', False))
-        self.grad_clip = float(getattr(args, 'grad_clip', 0.0) or 0.0)
-        self.amp = bool(getattr(args, 'amp', False))
-        self.net = Learner(config, self.imgc, self.imgsz)
+            raise FlagError(f"update_step ({self.update_step}) and update_step_test "
+                            f"({self.update_step_test}) must be at least 1.")
+        self.first_order, self.amp = bool(settings['first_order']), bool(settings['amp'])
+        self.grad_clip = float(settings['grad_clip'] or 0.0)
+        self.net = Learner(config, settings['imgc'], settings['imgsz'])
         self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)
-        if getattr(args, 'compile', None):
-            self.compile(args.compile)
+        if compile_mode:
+            self.compile(compile_mode)
 
     def compile(self, mode='default'):
         """torch.compile the batched tasks (training and evaluation); mode 'reduce-overhead' also
@@ -57,8 +79,8 @@ class Meta(nn.Module):
 
     def hparams(self):
         """The hyperparameters as a plain dict (what a checkpoint stores to rebuild this object)."""
-        return {**{name: getattr(self, name) for name in HPARAMS},
-                'first_order': self.first_order, 'grad_clip': self.grad_clip, 'amp': self.amp}
+        return {**{name: getattr(self, name) for name in DEFAULTS},
+                'imgc': self.net.imgc, 'imgsz': self.net.imgsz}
 
     def _loss(self, params, x, y):
         return F.cross_entropy(functional_call(self.net, params, (x,)), y)
@@ -115,14 +137,17 @@ class Meta(nn.Module):
         return accs
 
     @torch.no_grad()
-    def finetunning(self, x_spt, y_spt, x_qry, y_qry):
+    def finetune(self, x_spt, y_spt, x_qry, y_qry):
         """Query accuracy after each of 0..update_step_test fine-tuning steps: [steps + 1] for one
         task ([setsz, c, h, w] inputs), [tasks, steps + 1] for a batch of tasks."""
         single = x_spt.dim() == 4
         if single:
             x_spt, y_spt, x_qry, y_qry = (t.unsqueeze(0) for t in (x_spt, y_spt, x_qry, y_qry))
         _, accs = self._batched(x_spt, y_spt, x_qry, y_qry, self.update_step_test, track_steps=True)
-        return accs[0] if single else accs.clone()   # a CUDA-graph replay reuses its output buffers
+        accs = accs.clone()   # a CUDA-graph replay (--compile reduce-overhead) reuses its output buffers
+        return accs[0] if single else accs
+
+    finetunning = finetune   # the seed's name
 
     def adapt(self, x_spt, y_spt, steps=None):
         """The fast weights of one task after `steps` (default update_step_test) SGD steps on its
@@ -143,7 +168,8 @@ class Meta(nn.Module):
     @classmethod
     def from_state(cls, ckpt):
         """A ready Meta from a checkpoint dict already loaded by `load_checkpoint`."""
-        maml = cls(argparse.Namespace(**ckpt['hparams']), ckpt['config'])
+        known = {k: v for k, v in ckpt['hparams'].items() if k in DEFAULTS or k in SHAPE}
+        maml = cls(ckpt['config'], **known)   # older checkpoints also list the task shape: not Meta's
         saved = next(iter(ckpt['model'].values()))
         maml.to(saved.device, saved.dtype)
         maml.amp = maml.amp and saved.device.type == 'cuda'   # bf16 autocast is for CUDA only
@@ -153,15 +179,18 @@ class Meta(nn.Module):
 
 
 def load_checkpoint(path, map_location=None):
-    """torch.load with weights_only=True, and one clear sentence for a missing or damaged file."""
+    """torch.load with weights_only=True, and one clear sentence for a missing or damaged file.
+    On a machine without CUDA, tensors saved on a GPU are loaded onto the CPU."""
+    if map_location is None and not torch.cuda.is_available():
+        map_location = 'cpu'
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
-        raise FileNotFoundError(f"Checkpoint {path} does not exist; check the path.") from None
+        raise MissingError(f"Checkpoint {path} does not exist; check the path.") from None
     except Exception as e:
-        raise RuntimeError(f"Checkpoint {path} cannot be read ({type(e).__name__}); the file is damaged "
+        raise DamagedError(f"Checkpoint {path} cannot be read ({type(e).__name__}); the file is damaged "
                            f"or not a MAML checkpoint, so load another one such as best.pth.") from None
     if not isinstance(ckpt, dict) or not {'model', 'config', 'hparams'} <= ckpt.keys():
-        raise RuntimeError(f"Checkpoint {path} is not a MAML checkpoint of this project (it lacks "
+        raise DamagedError(f"Checkpoint {path} is not a MAML checkpoint of this project (it lacks "
                            f"model/config/hparams); load one written by the training scripts.")
     return ckpt

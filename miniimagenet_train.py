@@ -26,7 +26,7 @@ def network(n_way, imgsz, filters=32):
     config, side = [], imgsz
     for i in range(4):
         config += [('conv2d', [filters, 3 if i == 0 else filters, 3, 3, 1, 1]), ('bn', [filters]),
-                   ('relu', [True]), ('max_pool2d', [2, 2, 0])]
+                   ('relu', []), ('max_pool2d', [2, 2, 0])]
         side //= 2
     return config + [('flatten', []), ('linear', [n_way, filters * side * side])]
 

@@ -30,6 +30,7 @@ import torch
 from PIL import Image
 from torchvision.datasets.utils import download_url, extract_archive
 
+from errors import DamagedError, FlagError, MissingError
 from episodes import draw_tasks
 
 BASE_URL = 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python/'
@@ -52,7 +53,7 @@ def fetch_archives(root, download=True, base_url=BASE_URL, md5=ARCHIVE_MD5):
         archive = os.path.join(root, part + '.zip')
         if not os.path.isfile(archive):
             if not download:
-                raise FileNotFoundError(missing_data_message(root))
+                raise MissingError(missing_data_message(root))
             _download(base_url + part + '.zip', root, archive, md5[part])
         folders.append(_extract(archive, root, part))
     return folders
@@ -65,10 +66,10 @@ def _extract(archive, root, part):
     try:
         extract_archive(archive, scratch)
         if not os.path.isdir(os.path.join(scratch, part)):
-            raise RuntimeError(f"{archive} holds no {part}/ folder; replace it with the official archive.")
+            raise DamagedError(f"{archive} holds no {part}/ folder; replace it with the official archive.")
         os.replace(os.path.join(scratch, part), os.path.join(root, part))
     except zipfile.BadZipFile:
-        raise RuntimeError(f"{archive} is not a valid zip file (damaged or cut short); delete it "
+        raise DamagedError(f"{archive} is not a valid zip file (damaged or cut short); delete it "
                            f"and run again to download it, or replace it with the official archive.") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -82,10 +83,10 @@ def _download(url, root, archive, md5):
     try:
         download_url(url, root, filename=partial, md5=md5)
     except (urllib.error.URLError, OSError) as e:
-        raise FileNotFoundError(missing_data_message(root, f" (downloading {url} failed: {e})")) from None
+        raise MissingError(missing_data_message(root, f" (downloading {url} failed: {e})")) from None
     except RuntimeError:
         os.remove(os.path.join(root, partial))
-        raise RuntimeError(f"The download of {url} does not match its MD5 {md5}; it was deleted, so "
+        raise DamagedError(f"The download of {url} does not match its MD5 {md5}; it was deleted, so "
                            f"run again, or put the official archive at {archive} by hand.") from None
     os.replace(os.path.join(root, partial), archive)
 
@@ -112,7 +113,7 @@ def load_images(root, imgsz, download=True):
                 path = os.path.join(folder, alphabet, character)
                 files = sorted(f for f in os.listdir(path) if f.endswith('.png'))
                 if len(files) != DRAWINGS:
-                    raise RuntimeError(f"{path} holds {len(files)} drawings instead of {DRAWINGS}; "
+                    raise DamagedError(f"{path} holds {len(files)} drawings instead of {DRAWINGS}; "
                                        f"the extraction is incomplete, so delete it and run again.")
                 images.append(np.stack([_read_png(os.path.join(path, f), imgsz) for f in files]))
                 classes.append(f'{alphabet}/{character}')
@@ -127,7 +128,7 @@ def _read_png(path, imgsz):
         with Image.open(path) as img:
             return np.asarray(img.convert('L').resize((imgsz, imgsz), Image.LANCZOS), dtype=np.uint8)
     except OSError:
-        raise RuntimeError(f"Cannot read {path}; the file is damaged, so delete the extracted "
+        raise DamagedError(f"Cannot read {path}; the file is damaged, so delete the extracted "
                            f"folders and run again to extract the archives anew.") from None
 
 
@@ -136,14 +137,14 @@ class OmniglotNShot:
     def __init__(self, root, batchsz, n_way, k_shot, k_query, imgsz=28, device='cpu',
                  rotate=False, download=True, seed=0, val_classes=0):
         if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWINGS:
-            raise ValueError(f"Omniglot has {DRAWINGS} drawings per character, so k_spt={k_shot} and "
+            raise FlagError(f"Omniglot has {DRAWINGS} drawings per character, so k_spt={k_shot} and "
                              f"k_qry={k_query} cannot both be drawn; use k_spt, k_qry >= 1 with "
                              f"k_spt + k_qry <= {DRAWINGS}.")
         self.batchsz, self.n_way, self.k_shot, self.k_query = batchsz, n_way, k_shot, k_query
         self.imgsz, self.device = imgsz, torch.device(device)
         images, self.classes = load_images(root, imgsz, download)
         if not 0 <= val_classes <= N_TRAIN_CLASSES - n_way:
-            raise ValueError(f"val_classes={val_classes} must lie between 0 and {N_TRAIN_CLASSES - n_way}, "
+            raise FlagError(f"val_classes={val_classes} must lie between 0 and {N_TRAIN_CLASSES - n_way}, "
                              f"so that {n_way}-way training tasks remain.")
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
         n_train = N_TRAIN_CLASSES - val_classes
@@ -159,7 +160,7 @@ class OmniglotNShot:
                 split = torch.cat([split.rot90(k, dims=(-2, -1)) for k in range(4)])
                 self.class_ids[mode] = ids.repeat(4)
             if n_way > len(split):
-                raise ValueError(f"n_way={n_way} is more than the {len(split)} Omniglot {mode} classes; "
+                raise FlagError(f"n_way={n_way} is more than the {len(split)} Omniglot {mode} classes; "
                                  f"lower --n_way.")
             self.data[mode] = split.reshape(-1, 1, imgsz, imgsz).to(self.device)
             self.index_table[mode] = torch.arange(len(split) * DRAWINGS, device=self.device).view(-1, DRAWINGS)

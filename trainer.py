@@ -21,6 +21,7 @@ import numpy as np
 import scipy.stats
 import torch
 
+from errors import FlagError, RunError, UserError
 from meta import Meta, load_checkpoint
 
 
@@ -64,18 +65,18 @@ def check_args(args):
     for name in ('epoch', 'n_way', 'k_spt', 'k_qry', 'imgsz', 'task_num', 'update_step',
                  'update_step_test', 'log_every', 'eval_every', 'eval_tasks', 'test_tasks', 'keep'):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} is {getattr(args, name)} but must be at least 1.")
+            raise FlagError(f"--{name} is {getattr(args, name)} but must be at least 1.")
     if args.n_way < 2:
-        raise ValueError("--n_way must be at least 2: a task needs two classes to tell apart.")
+        raise FlagError("--n_way must be at least 2: a task needs two classes to tell apart.")
 
 
 def setup_device(args):
     """The torch.device of --device, seeded; on CUDA with the cuDNN autotuner and TF32 on."""
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {args.device} was asked for but this machine has no CUDA GPU; use --device cpu.")
+        raise FlagError(f"--device {args.device} was asked for but this machine has no CUDA GPU; use --device cpu.")
     if args.amp and device.type != 'cuda':
-        raise ValueError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU.")
+        raise FlagError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU.")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     if device.type == 'cuda':
@@ -170,7 +171,7 @@ def restore(maml, loader, path, device):
     try:
         maml.net.load_state_dict(ckpt['model'])
     except RuntimeError:
-        raise RuntimeError(f"{path} holds a network of another shape ({ckpt['hparams']}); resume with "
+        raise RunError(f"{path} holds a network of another shape ({ckpt['hparams']}); resume with "
                            f"the flags it was trained with.") from None
     maml.meta_optim.load_state_dict(ckpt['optimizer'])
     if 'sampler' in ckpt:
@@ -188,7 +189,7 @@ def fit(maml, loader, next_train_batch, validate, args, split='test'):
         start = restore(maml, loader, args.resume, device)
         print(f'resumed from {args.resume} at step {start}')
     elif not ckpts.is_empty():
-        raise RuntimeError(f"{args.save_dir} already holds checkpoints of an earlier run; continue it with "
+        raise RunError(f"{args.save_dir} already holds checkpoints of an earlier run; continue it with "
                            f"--resume {ckpts.path('last.pth')}, or pass another --save_dir.")
     metrics = Metrics(ckpts.path('metrics.csv'), split)
     images_per_step = args.task_num * args.n_way * (args.k_spt + args.k_qry)
@@ -202,7 +203,7 @@ def fit(maml, loader, next_train_batch, validate, args, split='test'):
         if log or evaluate_now:   # the only steps that wait for the device
             loss = loss.item()
             if not math.isfinite(loss):
-                raise RuntimeError(f"The meta-loss became {loss} at step {step}; lower --meta_lr or "
+                raise RunError(f"The meta-loss became {loss} at step {step}; lower --meta_lr or "
                                    f"--update_lr, or set --grad_clip (saved checkpoints are untouched).")
         if log:
             accs = accs.tolist()
@@ -241,11 +242,12 @@ def plain_dict(args):
 
 
 def run_main(main):
-    """Run `main()`; a problem with the data, flags or files ends in its one-sentence message
-    (MAML_TRACEBACK=1 shows the traceback instead)."""
+    """Run `main()`; a problem this project names (errors.UserError: flags, data, files, a diverged
+    run) ends in its one-sentence message, anything else in its traceback (MAML_TRACEBACK=1 shows
+    the traceback for the named problems too)."""
     try:
         main()
-    except (OSError, ValueError, RuntimeError) as e:
+    except UserError as e:
         if os.environ.get('MAML_TRACEBACK'):
             raise
         sys.exit(f'error: {e}')
