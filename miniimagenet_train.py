@@ -1,8 +1,9 @@
 """
 Meta-train MAML on mini-ImageNet (N-way K-shot classification, Finn et al. 2017, section 5.2).
 
-    python miniimagenet_train.py                              # 5-way 1-shot, the paper's settings
-    python miniimagenet_train.py --k_spt 5 --task_num 2       # 5-way 5-shot
+    python miniimagenet_train.py                              # 5-way 1-shot, the seed's settings
+    python miniimagenet_train.py --preset paper-5w1s          # the paper's protocol (presets.py)
+    python miniimagenet_train.py --preset paper-5w5s
     python miniimagenet_train.py --resume checkpoints/last.pth
 
 DATA_ROOT (or --data) holds images/*.jpg and train.csv, val.csv, test.csv (see README). Each split
@@ -12,9 +13,12 @@ only at the end, to report the selected model (best.pth) over --test_tasks tasks
 """
 import os
 
+import torch
+
 from meta import Meta
-from MiniImagenet import MiniImagenetCache
-from trainer import check_args, common_args, describe, evaluate, fit, report_test, run_main, setup_device
+from MiniImagenet import MiniImagenetCache, check_splits
+from trainer import (device_name, evaluate, fit, make_parser, parse_args, plain_dict, report_test, run_main,
+                     setup_device)
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'miniimagenet')
 EVAL_SEED = 12345   # the validation tasks of every evaluation, so that checkpoints compare on equal terms
@@ -31,29 +35,34 @@ def network(n_way, imgsz, filters=32):
     return config + [('flatten', []), ('linear', [n_way, filters * side * side])]
 
 
+def evaluation_tasks(split, n_tasks, n_way, k_shot, k_query, maml, seed=EVAL_SEED):
+    """Accuracies [n_tasks, steps+1] of `maml` on a fixed sequence of tasks of `split`."""
+    split.reset(seed)
+    return evaluate(maml, lambda: split.sample(EVAL_BATCH, n_way, k_shot, k_query), n_tasks,
+                    desc=f'{split.mode} tasks')
+
+
 def main():
-    parser = common_args(__doc__.strip().splitlines()[0], epoch=60000, n_way=5, k_spt=1, k_qry=15, imgsz=84,
-                         imgc=3, task_num=4, meta_lr=1e-3, update_lr=0.01, update_step=5, update_step_test=10,
-                         num_filters=32, data=DATA_ROOT, log_every=30)
-    args = parser.parse_args()
-    check_args(args)
+    parser = make_parser(__doc__.strip().splitlines()[0], 'miniimagenet', DATA_ROOT)
+    parser.add_argument('--normalize', choices=['imagenet', 'none'],
+                        help="pixel normalisation: 'imagenet' mean/std (the seed) or 'none', x / 255 only "
+                             "(the official code)")
+    args = parse_args(parser, 'miniimagenet')
     device = setup_device(args)
 
-    splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device, seed=args.seed)
-              for mode in ('train', 'val', 'test')}
-    maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters)).to(device)
-    print(f'{describe(device)}\n{maml.net}\n{vars(args)}')
-
-    def tasks(mode, n_tasks, net=maml):
-        splits[mode].reset(EVAL_SEED)
-        sample = lambda: splits[mode].sample(EVAL_BATCH, args.n_way, args.k_spt, args.k_qry)
-        return evaluate(net, sample, n_tasks)
+    k_eval = args.k_qry_test or args.k_qry
+    check_splits(args.data, {'train': args.k_qry, 'val': k_eval, 'test': k_eval}, args.n_way, args.k_spt)
+    splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device, seed=args.seed,
+                                      normalize=args.normalize) for mode in ('train', 'val', 'test')}
+    maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=3).to(device)
+    print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
 
     train = splits['train']
-    ckpts = fit(maml, train, lambda: train.sample(args.task_num, args.n_way, args.k_spt, args.k_qry),
-                lambda: tasks('val', args.eval_tasks), args, split='val')
-
-    report_test(ckpts, lambda best: tasks('test', args.test_tasks, best), args.test_tasks, device)
+    run = fit(maml, train, lambda: train.sample(args.task_num, args.n_way, args.k_spt, args.k_qry),
+              lambda: evaluation_tasks(splits['val'], args.eval_tasks, args.n_way, args.k_spt, k_eval, maml),
+              args, split='val')
+    report_test(run, lambda best: evaluation_tasks(splits['test'], args.test_tasks, args.n_way, args.k_spt,
+                                                   k_eval, best), args.test_tasks, device)
 
 
 if __name__ == '__main__':

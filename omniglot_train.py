@@ -1,24 +1,29 @@
 """
 Meta-train MAML on Omniglot (N-way K-shot classification, Finn et al. 2017, section 5.2).
 
-    python omniglot_train.py                                  # 5-way 1-shot, the seed's defaults
-    python omniglot_train.py --n_way 20 --k_spt 1 --task_num 16 --update_lr 0.1 --rotate
+    python omniglot_train.py                                  # 5-way 1-shot, the seed's settings
+    python omniglot_train.py --preset paper-5w1s              # the paper's protocol (presets.py)
+    python omniglot_train.py --preset paper-20w1s --device cuda
     python omniglot_train.py --resume checkpoints/last.pth    # continue a stopped run
 
 Omniglot is downloaded into DATA_ROOT (or --data) when it is missing. Every --eval_every steps the
-model is fine-tuned on --eval_tasks test tasks (the same tasks each time) and the accuracy after each
-fine-tuning step is printed as mean +- 95% CI; checkpoints go to --save_dir (see trainer.py). With
---val_classes 100 the checkpoints are ranked on 100 held-out training characters instead, and the
-test characters are used once, at the end, to report best.pth.
+model is fine-tuned on --eval_tasks tasks of 100 held-out training characters (the same tasks each
+time) and the accuracy after each fine-tuning step is printed as mean +- 95% CI; checkpoints go to
+--save_dir (see checkpoints.py). At the end the selected model, best.pth, is evaluated once on the
+423 test characters. --val_classes 0 ranks the checkpoints on the test characters instead, as the
+seed did (then the reported accuracy is the best of many looks at the test set).
 """
 import os
 
+import torch
+
 from meta import Meta
 from omniglotNShot import OmniglotNShot
-from trainer import check_args, common_args, describe, evaluate, fit, report_test, run_main, setup_device
+from trainer import (device_name, evaluate, fit, make_parser, parse_args, plain_dict, report_test, run_main,
+                     setup_device)
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'omniglot')
-EVAL_SEED = 12345   # the test tasks of every evaluation, so that checkpoints compare on equal terms
+EVAL_SEED = 12345   # the evaluation tasks of every evaluation, so that checkpoints compare on equal terms
 
 
 def network(n_way, imgsz, filters=64):
@@ -30,33 +35,50 @@ def network(n_way, imgsz, filters=64):
     return config + [('flatten', []), ('linear', [n_way, filters * side * side])]
 
 
+def make_loader(args, device, batchsz=None):
+    return OmniglotNShot(args.data, batchsz=batchsz or args.task_num, n_way=args.n_way, k_shot=args.k_spt,
+                         k_query=args.k_qry, imgsz=args.imgsz, device=device, rotate=args.rotate,
+                         seed=args.seed, val_classes=args.val_classes, preprocess=args.preprocess,
+                         split=args.split)
+
+
+def evaluation_tasks(db, mode, n_tasks, k_query, maml, seed=EVAL_SEED):
+    """Accuracies [n_tasks, steps+1] of `maml` on a fixed sequence of `mode` tasks."""
+    db.reset(mode, seed)
+    return evaluate(maml, lambda: db.next(mode, k_query=k_query), n_tasks, desc=f'{mode} tasks')
+
+
 def main():
-    parser = common_args(__doc__.strip().splitlines()[0], epoch=40000, n_way=5, k_spt=1, k_qry=15, imgsz=28,
-                         imgc=1, task_num=32, meta_lr=1e-3, update_lr=0.4, update_step=5,
-                         update_step_test=10, num_filters=64, data=DATA_ROOT, log_every=100)
-    parser.add_argument('--rotate', action='store_true',
-                        help='add each training character rotated by 90/180/270 degrees as new classes')
-    parser.add_argument('--val_classes', type=int, default=0,
+    parser = make_parser(__doc__.strip().splitlines()[0], 'omniglot', DATA_ROOT)
+    parser.add_argument('--rotate', choices=['none', 'classes', 'per_task'],
+                        help="rotation augmentation of training characters: 'per_task' gives each class of "
+                             "a task a random multiple of 90 degrees (the official code); 'classes' adds "
+                             "the rotated characters as new classes")
+    parser.add_argument('--val_classes', type=int,
                         help='training characters held out to rank checkpoints (the official code: 100); '
-                             'with 0 they are ranked on the test characters, as in the paper and the seed')
-    args = parser.parse_args()
-    check_args(args)
+                             '0 ranks them on the test characters')
+    parser.add_argument('--preprocess', choices=['official', 'greyscale'],
+                        help="'official': binary 1-bit resize, ink 1 on background 0 (cbfinn/maml); "
+                             "'greyscale': antialiased, background 1 (the seed)")
+    parser.add_argument('--split', choices=['random', 'lake'],
+                        help="'random': 1200 / 423 characters as in the paper; 'lake': train on the 30 "
+                             "background alphabets, test within one of the 20 evaluation alphabets")
+    args = parse_args(parser, 'omniglot')
     device = setup_device(args)
 
-    db = OmniglotNShot(args.data, batchsz=args.task_num, n_way=args.n_way, k_shot=args.k_spt,
-                       k_query=args.k_qry, imgsz=args.imgsz, device=device, rotate=args.rotate, seed=args.seed,
-                       val_classes=args.val_classes)
-    maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters)).to(device)
-    print(f'{describe(device)}\n{maml.net}\n{vars(args)}')
-
-    def tasks(mode, n_tasks, net=maml):
-        db.reset(mode, EVAL_SEED)
-        return evaluate(net, lambda: db.next(mode), n_tasks)
-
-    split = 'val' if args.val_classes else 'test'
-    ckpts = fit(maml, db, lambda: db.next('train'), lambda: tasks(split, args.eval_tasks), args, split=split)
+    db = make_loader(args, device)
+    maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=1).to(device)
+    print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
+    split = 'val' if 'val' in db.class_ids else 'test'
+    if split == 'test':
+        print('note: checkpoints are ranked on the TEST characters (no validation split), so best.pth\'s '
+              'accuracy is optimistic; use --val_classes 100 for an unbiased report.')
+    k_eval = args.k_qry_test or args.k_qry
+    run = fit(maml, db, lambda: db.next('train'),
+              lambda: evaluation_tasks(db, split, args.eval_tasks, k_eval, maml), args, split=split)
     if split == 'val':
-        report_test(ckpts, lambda best: tasks('test', args.test_tasks, best), args.test_tasks, device)
+        report_test(run, lambda best: evaluation_tasks(db, 'test', args.test_tasks, k_eval, best),
+                    args.test_tasks, device)
 
 
 if __name__ == '__main__':

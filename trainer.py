@@ -1,43 +1,51 @@
 """
-What omniglot_train.py and miniimagenet_train.py share: the common flags, device set-up,
-evaluation as mean +- 95% confidence interval, checkpoints that lose nothing, and the loop.
+What omniglot_train.py and miniimagenet_train.py share: flags and presets, resuming, device set-up,
+evaluation as mean +- 95% confidence interval, and the training loop. The files a run writes into
+--save_dir are described in checkpoints.py.
 
-A run writes into --save_dir:
-    maml_step{step}_acc{acc:.4f}.pth   the top --keep evaluations by accuracy (others deleted)
-    best.pth                           the best evaluation so far
-    last.pth                           the latest evaluation, to --resume from
-    metrics.csv                        one row per evaluation
-Every file is written to a temporary name and renamed, so a crash never leaves half a checkpoint.
+    parser = make_parser('Meta-train MAML on Omniglot', 'omniglot')
+    args = parse_args(parser, 'omniglot')   # preset, checkpoint settings on --resume, checks
+    ...
+    run = fit(maml, loader, next_train_batch, validate, args, split='val')
 """
 import argparse
-import csv
+import copy
 import math
 import os
-import re
 import sys
 import time
 
-import numpy as np
 import scipy.stats
 import torch
+from tqdm import tqdm
 
+from checkpoints import RunDir, atomic_save
 from errors import FlagError, RunError, UserError
 from meta import Meta, load_checkpoint
+from presets import DEFAULTS, PRESETS
+
+# Flags a resumed run may change: where and how fast it runs, how long, how often it reports. Any
+# other flag defines the run, so it is taken from the checkpoint, and giving it another value is refused.
+OPERATIONAL = {'epoch', 'log_every', 'eval_every', 'device', 'data', 'save_dir', 'resume', 'compile',
+               'amp', 'test_tasks', 'keep'}
+MIN_IMGSZ = 16   # both networks halve the image four times
 
 
-def common_args(description, **defaults):
-    """The flags both scripts take; `defaults` sets each data set's own defaults."""
-    p = argparse.ArgumentParser(description=description,
+def make_parser(description, dataset, data_root):
+    """The flags both scripts take, with `dataset`'s defaults from presets.py."""
+    p = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--preset', choices=sorted(PRESETS[dataset]),
+                   help="all settings of one of the paper's experiments (presets.py); explicit flags override")
     p.add_argument('--epoch', type=int, help='meta-training steps')
     p.add_argument('--n_way', type=int, help='classes per task')
     p.add_argument('--k_spt', type=int, help='support images per class')
-    p.add_argument('--k_qry', type=int, help='query images per class')
+    p.add_argument('--k_qry', type=int, help='query images per class in training')
+    p.add_argument('--k_qry_test', type=int, help='query images per class when evaluating (None: k_qry)')
     p.add_argument('--imgsz', type=int, help='image side in pixels')
-    p.add_argument('--imgc', type=int, help='image channels')
     p.add_argument('--task_num', type=int, help='tasks per meta-batch')
     p.add_argument('--meta_lr', type=float, help='Adam learning rate of the meta-update (beta)')
-    p.add_argument('--update_lr', type=float, help='inner SGD learning rate (alpha)')
+    p.add_argument('--update_lr', type=float, help='inner SGD learning rate (alpha), on the mean cross-entropy')
     p.add_argument('--update_step', type=int, help='inner steps in meta-training')
     p.add_argument('--update_step_test', type=int, help='inner steps when evaluating')
     p.add_argument('--num_filters', type=int, help='channels of each conv layer')
@@ -46,28 +54,81 @@ def common_args(description, **defaults):
                    help="torch.compile the meta-step; MODE 'reduce-overhead' adds CUDA graphs")
     p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (fp32 master weights)')
     p.add_argument('--grad_clip', type=float, default=0.0, help='clip the meta-gradient norm (0: off)')
-    p.add_argument('--data', help='data root')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--seed', type=int, default=222)
+    p.add_argument('--data', default=data_root, help='data root (see README, Data)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='torch device to train on: cpu, cuda, cuda:1, ...')
+    p.add_argument('--seed', type=int, default=222, help='seed of the initial weights and the training tasks')
     p.add_argument('--log_every', type=int, help='steps between training log lines')
-    p.add_argument('--eval_every', type=int, default=500, help='steps between evaluations')
-    p.add_argument('--eval_tasks', type=int, default=600, help='tasks per evaluation')
-    p.add_argument('--test_tasks', type=int, default=600,
-                   help='test tasks for the final report, when checkpoints are ranked on a validation split')
-    p.add_argument('--save_dir', default='checkpoints')
-    p.add_argument('--keep', type=int, default=3, help='checkpoints kept, best first')
+    p.add_argument('--eval_every', type=int, help='steps between evaluations')
+    p.add_argument('--eval_tasks', type=int, help='tasks per evaluation')
+    p.add_argument('--test_tasks', type=int, default=600, help='test tasks of the final report of best.pth')
+    p.add_argument('--save_dir', default='checkpoints', help='folder of this run\'s checkpoints and metrics')
+    p.add_argument('--keep', type=int, default=3, help='ranked checkpoints kept, best first')
     p.add_argument('--resume', help='checkpoint to continue from, e.g. checkpoints/last.pth')
-    p.set_defaults(**defaults)
+    p.set_defaults(**DEFAULTS[dataset])
     return p
 
 
+def explicit_flags(parser, argv):
+    """The dests of the flags given on the command line (not filled in from defaults)."""
+    bare = copy.deepcopy(parser)
+    for action in bare._actions:
+        action.default = argparse.SUPPRESS
+    bare._defaults.clear()   # what set_defaults added
+    return set(vars(bare.parse_args(argv)))
+
+
+def parse_args(parser, dataset, argv=None):
+    """Parse the flags; apply --preset; on --resume take the run's settings from its checkpoint
+    (refusing any flag that contradicts it); check the values. Returns the Namespace, with
+    `resume_ckpt` set to the loaded checkpoint or None."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, given = parser.parse_args(argv), explicit_flags(parser, argv)
+    args.resume_ckpt = None
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, map_location='cpu')
+        saved = ckpt.get('args')
+        if saved is None or saved.get('dataset', dataset) != dataset:
+            raise FlagError(f"{args.resume} was not written by {dataset}'s training script, so it "
+                            f"cannot be resumed here; use the script that wrote it.")
+        for name, value in saved.items():
+            if name in OPERATIONAL or not hasattr(args, name):
+                continue
+            if name in given and getattr(args, name) != value:
+                raise FlagError(f"--{name} {getattr(args, name)} differs from the {value} that {args.resume} "
+                                f"was trained with; a resumed run keeps its settings, so drop --{name} or "
+                                f"start a new run in another --save_dir.")
+            setattr(args, name, value)
+        if args.epoch <= ckpt['step']:
+            raise FlagError(f"--epoch {args.epoch} is not beyond step {ckpt['step']}, where {args.resume} "
+                            f"stopped; pass a larger --epoch to train on.")
+        args.resume_ckpt = ckpt
+    elif args.preset:
+        for name, value in PRESETS[dataset][args.preset].items():
+            if name not in given:
+                setattr(args, name, value)
+    args.dataset = dataset
+    check_args(args)
+    return args
+
+
 def check_args(args):
-    for name in ('epoch', 'n_way', 'k_spt', 'k_qry', 'imgsz', 'task_num', 'update_step',
-                 'update_step_test', 'log_every', 'eval_every', 'eval_tasks', 'test_tasks', 'keep'):
+    for name in ('epoch', 'n_way', 'k_spt', 'k_qry', 'task_num', 'update_step', 'update_step_test',
+                 'num_filters', 'log_every', 'eval_every', 'eval_tasks', 'test_tasks', 'keep'):
         if getattr(args, name) < 1:
             raise FlagError(f"--{name} is {getattr(args, name)} but must be at least 1.")
+    if args.k_qry_test is not None and args.k_qry_test < 1:
+        raise FlagError(f"--k_qry_test is {args.k_qry_test} but must be at least 1.")
     if args.n_way < 2:
         raise FlagError("--n_way must be at least 2: a task needs two classes to tell apart.")
+    if args.imgsz < MIN_IMGSZ:
+        raise FlagError(f"--imgsz {args.imgsz} is too small: the network halves the image four times, "
+                        f"so use at least {MIN_IMGSZ}.")
+    for name in ('meta_lr', 'update_lr'):
+        if not getattr(args, name) > 0:
+            raise FlagError(f"--{name} is {getattr(args, name)} but must be positive.")
+    if args.grad_clip < 0:
+        raise FlagError(f"--grad_clip is {args.grad_clip}; use 0 (off) or a positive norm.")
 
 
 def setup_device(args):
@@ -78,34 +139,43 @@ def setup_device(args):
     if args.amp and device.type != 'cuda':
         raise FlagError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU.")
     torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision('high')
+        tune_cuda()
     return device
 
 
-def describe(device):
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
-    return f'{name}, torch {torch.__version__}'
+def tune_cuda():
+    """cuDNN picks the fastest convolution algorithm per shape; fp32 matmuls and convolutions use TF32."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision('high')   # TF32 for matmuls
+
+
+def device_name(device):
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    return f'CPU ({torch.get_num_threads()} threads)'
 
 
 def mean_ci(accs):
     """accs [tasks, steps] -> (mean [steps], half-width of the 95% CI [steps]) with Student's t."""
-    accs = np.asarray(accs, dtype=np.float64)
+    accs = torch.as_tensor(accs, dtype=torch.float64)
     n = accs.shape[0]
-    half = scipy.stats.t.ppf(0.975, n - 1) * accs.std(0, ddof=1) / math.sqrt(n) if n > 1 else np.full(accs.shape[1:], np.nan)
-    return accs.mean(0), half
+    if n < 2:
+        return accs.mean(0).numpy(), torch.full(accs.shape[1:], math.nan).numpy()
+    half = scipy.stats.t.ppf(0.975, n - 1) * accs.std(0) / math.sqrt(n)
+    return accs.mean(0).numpy(), half.numpy()
 
 
-def evaluate(maml, next_batch, n_tasks):
+def evaluate(maml, next_batch, n_tasks, desc='evaluating'):
     """Query accuracy after each fine-tuning step on `n_tasks` tasks: a numpy array [n_tasks, steps+1]."""
     accs, n = [], 0
-    while n < n_tasks:
-        accs.append(maml.finetunning(*next_batch()))
-        n += len(accs[-1])
+    with tqdm(total=n_tasks, desc=desc, unit='task', leave=False, disable=None) as bar:
+        while n < n_tasks:
+            accs.append(maml.finetune(*next_batch()))
+            bar.update(min(len(accs[-1]), n_tasks - n))
+            n += len(accs[-1])
     return torch.cat(accs)[:n_tasks].cpu().numpy()
 
 
@@ -113,128 +183,136 @@ def format_accs(accs):
     return ' '.join(f'{a:.3f}' for a in accs)
 
 
-def atomic_save(obj, path):
-    torch.save(obj, path + '.tmp')
-    os.replace(path + '.tmp', path)
+def format_duration(seconds):
+    minutes = seconds / 60
+    return f'{seconds:.0f} s' if minutes < 2 else f'{minutes:.0f} min' if minutes < 120 else f'{minutes / 60:.1f} h'
 
 
-class Checkpoints:
-    """The files of one run in `save_dir`; see the module docstring."""
-    RANKED = re.compile(r'^maml_step(\d+)_acc(\d+\.\d+)\.pth$')
-
-    def __init__(self, save_dir, keep):
-        self.dir, self.keep = save_dir, keep
-        os.makedirs(save_dir, exist_ok=True)
-        self.ranked = sorted(((float(m[2]), int(m[1]), os.path.join(save_dir, f))
-                              for f in os.listdir(save_dir) if (m := self.RANKED.match(f))), reverse=True)
-
-    def path(self, name):
-        return os.path.join(self.dir, name)
-
-    def is_empty(self):
-        return not self.ranked and not any(os.path.exists(self.path(f)) for f in ('best.pth', 'last.pth'))
-
-    def save(self, ckpt, step, acc):
-        """Write last.pth, and the ranked and best files if `acc` enters the top `keep`."""
-        atomic_save(ckpt, self.path('last.pth'))
-        if len(self.ranked) == self.keep and acc <= self.ranked[-1][0]:
-            return
-        if not self.ranked or acc > self.ranked[0][0]:
-            atomic_save(ckpt, self.path('best.pth'))
-        path = self.path(f'maml_step{step}_acc{acc:.4f}.pth')
-        atomic_save(ckpt, path)
-        self.ranked = sorted(self.ranked + [(acc, step, path)], reverse=True)
-        for _, _, dropped in self.ranked[self.keep:]:
-            if dropped != path and os.path.exists(dropped):
-                os.remove(dropped)
-        self.ranked = self.ranked[:self.keep]
-
-
-class Metrics:
-    """metrics.csv beside the checkpoints, one row appended per evaluation."""
-
-    def __init__(self, path, split):
-        self.path, self.fields = path, ['step', 'train_acc', f'{split}_acc', f'{split}_ci', 'ms_per_step']
-
-    def append(self, **row):
-        new = not os.path.exists(self.path)
-        with open(self.path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, self.fields)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-
-
-def restore(maml, loader, path, device):
-    """Load a checkpoint into `maml` and the loader's sampler; returns the step it was saved at."""
-    ckpt = load_checkpoint(path, map_location=device)
-    try:
-        maml.net.load_state_dict(ckpt['model'])
-    except RuntimeError:
-        raise RunError(f"{path} holds a network of another shape ({ckpt['hparams']}); resume with "
-                           f"the flags it was trained with.") from None
-    maml.meta_optim.load_state_dict(ckpt['optimizer'])
+def open_run(args, sampler):
+    """The run folder, locked, with the resumed state loaded into `sampler`; (run, start step, elapsed s)."""
+    run = RunDir(args.save_dir, args.keep)
+    ckpt = args.resume_ckpt
+    if ckpt is None:
+        if not run.is_empty():
+            run.close()
+            raise RunError(f"{args.save_dir} already holds checkpoints of an earlier run; continue it with "
+                           f"--resume {run.path('last.pth')}, or pass another --save_dir.")
+        return run, 0, 0.0
+    if run.holds(args.resume):
+        run.rollback(ckpt['step'])
+    elif run.is_empty():
+        run.adopt_metrics(os.path.dirname(args.resume), ckpt['step'])
+    else:
+        run.close()
+        raise RunError(f"--save_dir {args.save_dir} holds another run's checkpoints, not those of "
+                       f"{args.resume}; resume into the folder it came from or into an empty --save_dir.")
     if 'sampler' in ckpt:
-        loader.load_state_dict(ckpt['sampler'])
-    return ckpt['step']
+        sampler.load_state_dict(ckpt['sampler'])
+    return run, ckpt['step'], ckpt.get('elapsed_s', 0.0)
 
 
-def fit(maml, loader, next_train_batch, validate, args, split='test'):
+def restore(maml, ckpt, device):
+    """Load a checkpoint's weights and optimizer state into `maml`."""
+    state = {k: v.to(device) for k, v in ckpt['model'].items()}
+    maml.net.load_state_dict(state)
+    maml.meta_optim.load_state_dict(ckpt['optimizer'])
+
+
+def check_loss(loss, step, n_way):
+    """A loss that is not finite, or a hundred times chance's, means the run diverged: stop it."""
+    chance = math.log(n_way)
+    if not math.isfinite(loss) or loss > 100 * chance:
+        raise RunError(f"The meta-loss became {loss:.4g} at step {step} (chance is {chance:.2f}), so the run "
+                       f"diverged; lower --meta_lr or --update_lr, or set --grad_clip (saved checkpoints "
+                       f"are untouched).")
+
+
+def fit(maml, sampler, next_train_batch, validate, args, split='val'):
     """Meta-train for --epoch steps. `validate()` returns accs [tasks, steps+1] on `split`, which
-    ranks the checkpoints. Returns the checkpoint store."""
+    ranks the checkpoints. Returns the RunDir (still locked)."""
     device = next(maml.parameters()).device
-    ckpts = Checkpoints(args.save_dir, args.keep)
-    start = 0
-    if args.resume:
-        start = restore(maml, loader, args.resume, device)
+    run, start, elapsed = open_run(args, sampler)
+    if args.resume_ckpt is not None:
+        restore(maml, args.resume_ckpt, device)
         print(f'resumed from {args.resume} at step {start}')
-    elif not ckpts.is_empty():
-        raise RunError(f"{args.save_dir} already holds checkpoints of an earlier run; continue it with "
-                           f"--resume {ckpts.path('last.pth')}, or pass another --save_dir.")
-    metrics = Metrics(ckpts.path('metrics.csv'), split)
     images_per_step = args.task_num * args.n_way * (args.k_spt + args.k_qry)
-    train_accs, ms_per_step = float('nan'), float('nan')
-    tic, tic_step = time.perf_counter(), start
-    for step in range(start + 1, args.epoch + 1):
-        log = step % args.log_every == 0
-        evaluate_now = step % args.eval_every == 0 or step == args.epoch
-        loss, accs = maml.meta_loss(*next_train_batch(), track_steps=log)
-        maml.meta_update(loss)
-        if log or evaluate_now:   # the only steps that wait for the device
-            loss = loss.item()
-            if not math.isfinite(loss):
-                raise RunError(f"The meta-loss became {loss} at step {step}; lower --meta_lr or "
-                                   f"--update_lr, or set --grad_clip (saved checkpoints are untouched).")
-        if log:
-            accs = accs.tolist()
-            train_accs = accs[-1]
-            ms_per_step = 1e3 * (time.perf_counter() - tic) / (step - tic_step)
-            tic, tic_step = time.perf_counter(), step
-            print(f'step {step:6d}  loss {loss:.4f}  train acc {format_accs(accs)}  '
-                  f'{ms_per_step:.1f} ms/step  {1e3 * images_per_step / ms_per_step:.0f} img/s')
-        if evaluate_now:
-            t = time.perf_counter()
-            mean, half = mean_ci(validate())
-            acc, ci = float(mean[-1]), float(half[-1])
-            print(f'step {step:6d}  {split} acc {acc:.4f} +- {ci:.4f} over {args.eval_tasks} tasks '
-                  f'({time.perf_counter() - t:.1f} s)  by step: {format_accs(mean)}')
-            ckpts.save(maml.checkpoint(step=step, acc=acc, ci=ci, split=split, sampler=loader.state_dict(),
-                                       args=plain_dict(args)), step, acc)
-            metrics.append(step=step, train_acc=train_accs, **{f'{split}_acc': acc, f'{split}_ci': ci},
-                           ms_per_step=ms_per_step)
-            tic, tic_step = time.perf_counter(), step
-    return ckpts
+    train_acc, ms_per_step = math.nan, math.nan
+    run_start, tic, tic_step = time.perf_counter(), time.perf_counter(), start
+    step = start
+    bar = tqdm(total=args.epoch, initial=start, desc='meta-training', unit='step', disable=None,
+               dynamic_ncols=True)
+    try:
+        for step in range(start + 1, args.epoch + 1):
+            log = step % args.log_every == 0
+            evaluate_now = step % args.eval_every == 0 or step == args.epoch
+            estimate = step == start + 3 and step < args.epoch
+            loss, accs = maml.meta_loss(*next_train_batch(), track_steps=log)
+            maml.meta_update(loss)
+            bar.update()
+            if log or evaluate_now or estimate or step == start + 1:   # the only steps that wait for the device
+                loss = loss.item()
+                check_loss(loss, step, args.n_way)
+            if step == start + 1:
+                tic_estimate = time.perf_counter()   # the first step includes warm-up (and compilation)
+            if estimate:
+                print_estimate((time.perf_counter() - tic_estimate) / 2, step, args, device)
+            if log:
+                accs = accs.tolist()
+                train_acc = accs[-1]
+                ms_per_step = 1e3 * (time.perf_counter() - tic) / (step - tic_step)
+                tic, tic_step = time.perf_counter(), step
+                bar.write(f'step {step:6d}  loss {loss:.4f}  train acc {format_accs(accs)}  '
+                          f'{ms_per_step:.1f} ms/step  {1e3 * images_per_step / ms_per_step:.0f} img/s')
+            if evaluate_now:
+                t = time.perf_counter()
+                mean, half = mean_ci(validate())
+                acc, ci = float(mean[-1]), float(half[-1])
+                bar.write(f'step {step:6d}  {split} acc {acc:.4f} +- {ci:.4f} over {args.eval_tasks} tasks '
+                          f'({time.perf_counter() - t:.1f} s)  by step: {format_accs(mean)}')
+                wall = elapsed + time.perf_counter() - run_start
+                ckpt = maml.checkpoint(step=step, acc=acc, ci=ci, split=split, sampler=sampler.state_dict(),
+                                       args=plain_dict(args), elapsed_s=wall)
+                run.save(ckpt, row={'step': step, 'train_acc': train_acc, f'{split}_acc': acc,
+                                    f'{split}_ci': ci, 'ms_per_step': ms_per_step, 'elapsed_s': round(wall, 1)})
+                draw_learning_curve(run.dir)
+                tic, tic_step = time.perf_counter(), step
+    except KeyboardInterrupt:
+        saved = os.path.exists(run.path('last.pth'))
+        raise RunError(f"interrupted at step {step}; " + (
+            f"resume with --resume {run.path('last.pth')} (its files are complete)." if saved else
+            "no checkpoint had been written yet.")) from None
+    finally:
+        bar.close()
+    return run
 
 
-def report_test(ckpts, test_accs, n_tasks, device):
+def print_estimate(seconds_per_step, step, args, device):
+    left = args.epoch - step
+    first_eval = min(args.eval_every, args.epoch)
+    print(f'{seconds_per_step * 1e3:.0f} ms/step on {device_name(device)}: the {left} steps left take about '
+          f'{format_duration(left * seconds_per_step)} without evaluations; first evaluation at step '
+          f'{first_eval} (in about {format_duration(max(first_eval - step, 0) * seconds_per_step)}).', flush=True)
+
+
+def draw_learning_curve(folder):
+    """learning_curve.png beside metrics.csv, when matplotlib is installed (plot.py)."""
+    try:
+        import plot
+    except ImportError:
+        return
+    plot.save([folder], os.path.join(folder, 'learning_curve.png'))
+
+
+def report_test(run, test_accs, n_tasks, device):
     """Evaluate the selected model, best.pth, once on the test split: `test_accs(maml)` returns
     accs [tasks, steps+1]. Prints the result and adds it to best.pth as test_acc and test_ci."""
-    best_path = ckpts.path('best.pth')
+    best_path = run.path('best.pth')
     selected = load_checkpoint(best_path, map_location=device)
     mean, half = mean_ci(test_accs(Meta.from_state(selected)))
     print(f"test acc of best.pth (step {selected['step']}, {selected['split']} acc {selected['acc']:.4f}): "
           f"{mean[-1]:.4f} +- {half[-1]:.4f} over {n_tasks} tasks  by step: {format_accs(mean)}")
-    atomic_save({**selected, 'test_acc': float(mean[-1]), 'test_ci': float(half[-1])}, best_path)
+    atomic_save({**selected, 'test_acc': float(mean[-1]), 'test_ci': float(half[-1]),
+                 'test_by_step': [float(m) for m in mean]}, best_path)
 
 
 def plain_dict(args):
@@ -252,4 +330,4 @@ def run_main(main):
             raise
         sys.exit(f'error: {e}')
     except KeyboardInterrupt:
-        sys.exit('interrupted; the checkpoints written so far are complete (resume from last.pth).')
+        sys.exit('interrupted before training started; nothing was written.')

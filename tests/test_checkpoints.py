@@ -1,13 +1,18 @@
-"""Checkpoints: round trip through torch.load(weights_only=True), top-k bookkeeping, clear errors."""
+"""Checkpoints and resume: round trips, top-k, and every way a run could lose or corrupt its files."""
 import argparse
+import csv
 import os
 
 import pytest
 import torch
 
+import checkpoints
+import trainer
+from checkpoints import RunDir, atomic_save
+from errors import DamagedError, FlagError, MissingError, RunError
 from meta import Meta, load_checkpoint
 from test_meta import make_meta, make_tasks
-from trainer import Checkpoints, atomic_save, fit
+from trainer import fit, make_parser, parse_args
 
 
 def test_round_trip_rebuilds_an_identical_model(tmp_path):
@@ -18,23 +23,46 @@ def test_round_trip_rebuilds_an_identical_model(tmp_path):
     raw = torch.load(path, weights_only=True)
     assert raw['step'] == 7 and raw['config'] == maml.net.config and raw['hparams']['update_lr'] == 0.3
     loaded = Meta.from_checkpoint(path)
-    assert torch.equal(loaded.finetunning(*tasks), maml.finetunning(*tasks))
+    assert torch.equal(loaded.finetune(*tasks), maml.finetune(*tasks))
     fast, fast_loaded = maml.adapt(tasks[0][0], tasks[1][0]), loaded.adapt(tasks[0][0], tasks[1][0])
     assert torch.equal(maml.net(tasks[2][0], params=fast), loaded.net(tasks[2][0], params=fast_loaded))
     state, state_loaded = maml.meta_optim.state_dict(), loaded.meta_optim.state_dict()
     assert all(torch.equal(state['state'][i]['exp_avg'], state_loaded['state'][i]['exp_avg']) for i in state['state'])
 
 
+def test_checkpoints_of_older_versions_still_load(tmp_path):
+    maml = make_meta()
+    old = maml.checkpoint()
+    old['hparams'].update(n_way=4, k_spt=2, k_qry=3, task_num=3)   # task shape, once stored by Meta
+    atomic_save(old, str(tmp_path / 'old.pth'))
+    assert Meta.from_checkpoint(str(tmp_path / 'old.pth')).update_lr == maml.update_lr
+
+
+def test_a_checkpoint_saved_on_a_gpu_loads_on_a_cpu_only_machine(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip('needs a machine without CUDA')
+    ckpt = make_meta().checkpoint(step=1)
+    with monkeypatch.context() as m:   # write the file as torch.save does on a GPU: storages tagged cuda:0
+        m.setattr(torch.serialization, 'location_tag', lambda storage: 'cuda:0')
+        torch.save(ckpt, tmp_path / 'gpu.pth')
+    with pytest.raises(RuntimeError, match='CUDA'):
+        torch.load(tmp_path / 'gpu.pth', weights_only=True)   # what a plain load does on this machine
+    loaded = Meta.from_checkpoint(str(tmp_path / 'gpu.pth'))
+    assert next(loaded.parameters()).device.type == 'cpu'
+
+
 def test_keeps_the_top_k_and_the_best(tmp_path):
-    ckpts = Checkpoints(str(tmp_path), keep=2)
+    run = RunDir(str(tmp_path), keep=2)
     for step, acc in [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.4), (5, 0.8)]:
-        ckpts.save({'step': step}, step, acc)
-    assert sorted(os.listdir(tmp_path)) == ['best.pth', 'last.pth', 'maml_step2_acc0.7000.pth',
-                                            'maml_step5_acc0.8000.pth']
+        run.save(fake_ckpt(step, acc), row={'step': step, 'acc': acc})
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.pth')) == [
+        'best.pth', 'last.pth', 'maml_step2_acc0.7000.pth', 'maml_step5_acc0.8000.pth']
     assert torch.load(tmp_path / 'best.pth', weights_only=True)['step'] == 5
     assert torch.load(tmp_path / 'last.pth', weights_only=True)['step'] == 5
-    again = Checkpoints(str(tmp_path), keep=2)    # what a resumed run sees
-    again.save({'step': 6}, 6, 0.75)
+    assert [r['step'] for r in run.rows()] == ['1', '2', '3', '4', '5']
+    run.close()
+    again = RunDir(str(tmp_path), keep=2)    # what a resumed run sees
+    again.save(fake_ckpt(6, 0.75), row={'step': 6, 'acc': 0.75})
     assert sorted(f for f in os.listdir(tmp_path) if f.startswith('maml')) == [
         'maml_step5_acc0.8000.pth', 'maml_step6_acc0.7500.pth']
     assert torch.load(tmp_path / 'best.pth', weights_only=True)['step'] == 5
@@ -42,13 +70,32 @@ def test_keeps_the_top_k_and_the_best(tmp_path):
 
 def test_damaged_or_foreign_checkpoints_are_named(tmp_path):
     (tmp_path / 'cut.pth').write_bytes(b'\x80\x02garbage')
-    with pytest.raises(RuntimeError, match='cut.pth cannot be read'):
+    with pytest.raises(DamagedError, match='cut.pth cannot be read'):
         Meta.from_checkpoint(str(tmp_path / 'cut.pth'))
     torch.save({'weights': torch.zeros(1)}, tmp_path / 'other.pth')
-    with pytest.raises(RuntimeError, match='not a MAML checkpoint'):
+    with pytest.raises(DamagedError, match='not a MAML checkpoint'):
         load_checkpoint(str(tmp_path / 'other.pth'))
-    with pytest.raises(FileNotFoundError, match='does not exist'):
+    with pytest.raises(MissingError, match='does not exist'):
         load_checkpoint(str(tmp_path / 'nothing.pth'))
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    run = RunDir(str(tmp_path), keep=2)
+    run.save(fake_ckpt(1, 0.5), row={'step': 1, 'acc': 0.5})
+    before = snapshot(tmp_path)
+    bad = fake_ckpt(2, 0.9)
+    bad['model']['w'][0] = float('nan')
+    with pytest.raises(RunError, match='1 non-finite values at step 2, so nothing was saved'):
+        run.save(bad, row={'step': 2, 'acc': 0.9})
+    assert snapshot(tmp_path) == before
+
+
+def test_a_second_run_cannot_write_into_a_locked_folder(tmp_path):
+    first = RunDir(str(tmp_path), keep=2)
+    with pytest.raises(RunError, match='Another run is writing to'):
+        RunDir(str(tmp_path), keep=2)
+    first.close()
+    RunDir(str(tmp_path), keep=2).close()
 
 
 class ListLoader:
@@ -68,36 +115,162 @@ class ListLoader:
         self.calls = state['calls']
 
 
-def run_fit(tmp_path, epoch, resume=None):
-    maml, loader = make_meta(), ListLoader()
+def fit_args(save_dir, epoch, resume=None, **flags):
+    """What parse_args gives the loop, for the float64 stand-in problem of test_meta."""
     args = argparse.Namespace(epoch=epoch, task_num=3, n_way=4, k_spt=2, k_qry=3, log_every=2, eval_every=2,
-                              eval_tasks=3, save_dir=str(tmp_path), keep=2, resume=resume)
-    fit(maml, loader, loader.next, lambda: maml.finetunning(*loader.tasks).numpy(), args)
+                              eval_tasks=3, save_dir=str(save_dir), keep=2, resume=resume, resume_ckpt=None)
+    if resume:
+        args.resume_ckpt = load_checkpoint(resume)
+    vars(args).update(flags)
+    return args
+
+
+def run_fit(save_dir, epoch, resume=None, maml=None, loader=None):
+    maml, loader = maml or make_meta(), loader or ListLoader()
+    run = fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(),
+              fit_args(save_dir, epoch, resume))
+    run.close()
     return maml, loader
 
 
-def test_resume_continues_from_the_saved_step_and_a_fresh_run_never_overwrites(tmp_path, capsys):
+def test_resume_continues_where_it_stopped_and_a_fresh_run_never_overwrites(tmp_path):
     run_fit(tmp_path, epoch=4)
-    assert '4' in capsys.readouterr().out
-    with pytest.raises(RuntimeError, match='already holds checkpoints of an earlier run'):
+    with pytest.raises(RunError, match='already holds checkpoints of an earlier run'):
         run_fit(tmp_path, epoch=4)
     maml, loader = run_fit(tmp_path, epoch=6, resume=str(tmp_path / 'last.pth'))
     assert loader.calls == 6, 'the resumed run makes only the two missing steps'
-    rows = (tmp_path / 'metrics.csv').read_text().splitlines()
-    assert rows[0] == 'step,train_acc,test_acc,test_ci,ms_per_step'
-    assert [r.split(',')[0] for r in rows[1:]] == ['2', '4', '6']
+    with open(tmp_path / 'metrics.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ['step', 'train_acc', 'val_acc', 'val_ci', 'ms_per_step', 'elapsed_s']
+    assert [r['step'] for r in rows] == ['2', '4', '6']
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
     assert last['step'] == 6 and torch.equal(last['model']['vars.0'], maml.net.vars[0].detach())
 
 
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    straight, _ = run_fit(tmp_path / 'a', epoch=6)
+    run_fit(tmp_path / 'b', epoch=4)
+    resumed, _ = run_fit(tmp_path / 'b', epoch=6, resume=str(tmp_path / 'b' / 'last.pth'))
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+
+
+def test_resume_into_a_folder_of_another_run_is_refused_and_touches_nothing(tmp_path):
+    run_fit(tmp_path / 'a', epoch=4)
+    run_fit(tmp_path / 'b', epoch=2)
+    before = snapshot(tmp_path / 'b')
+    with pytest.raises(RunError, match="holds another run's checkpoints"):
+        run_fit(tmp_path / 'b', epoch=6, resume=str(tmp_path / 'a' / 'last.pth'))
+    assert snapshot(tmp_path / 'b') == before
+    run_fit(tmp_path / 'c', epoch=6, resume=str(tmp_path / 'a' / 'last.pth'))   # an empty folder is fine
+    assert [r['step'] for r in checkpoints.read_metrics(tmp_path / 'c')] == ['2', '4', '6']
+
+
 def test_a_nan_loss_stops_training_before_it_reaches_a_checkpoint(tmp_path):
     run_fit(tmp_path, epoch=2)
-    saved = (tmp_path / 'last.pth').read_bytes()
-    maml, loader = make_meta(), ListLoader()
+    before = snapshot(tmp_path)
+    loader = ListLoader()
     loader.tasks = (loader.tasks[0] * float('nan'), *loader.tasks[1:])
-    args = argparse.Namespace(epoch=4, task_num=3, n_way=4, k_spt=2, k_qry=3, log_every=10, eval_every=4,
-                              eval_tasks=3, save_dir=str(tmp_path), keep=2, resume=str(tmp_path / 'last.pth'))
-    with pytest.raises(RuntimeError, match='meta-loss became nan at step 4'):
-        fit(maml, loader, loader.next, lambda: maml.finetunning(*loader.tasks).numpy(), args)
-    assert (tmp_path / 'last.pth').read_bytes() == saved
+    with pytest.raises(RunError, match='meta-loss became nan at step 3'):
+        run_fit(tmp_path, epoch=4, resume=str(tmp_path / 'last.pth'), loader=loader)
+    assert snapshot(tmp_path) == before
 
+
+def test_weights_that_become_nan_after_a_finite_loss_are_not_saved(tmp_path):
+    run_fit(tmp_path, epoch=2)
+    before = snapshot(tmp_path)
+    maml = make_meta()
+    update = maml.meta_update
+
+    def update_then_break(loss):   # what a huge meta_lr does at step 4: a finite loss, then NaN weights
+        update(loss)
+        if maml.meta_optim.state[maml.net.vars[0]]['step'] == 4:
+            with torch.no_grad():
+                maml.net.vars[0][0, 0, 0, 0] = float('nan')
+    maml.meta_update = update_then_break
+    with pytest.raises(RunError, match='non-finite values at step 4'):
+        run_fit(tmp_path, epoch=4, resume=str(tmp_path / 'last.pth'), maml=maml)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_kill_between_an_evaluation_and_last_pth_is_rolled_back_on_resume(tmp_path, monkeypatch):
+    run_fit(tmp_path, epoch=2)
+    real_save = checkpoints.atomic_save
+
+    def killed_at_last_pth(obj, path):
+        if path.endswith('last.pth'):
+            open(path + '.tmp', 'wb').close()   # a half-written file, as a kill leaves it
+            raise KeyboardInterrupt
+        real_save(obj, path)
+    monkeypatch.setattr(checkpoints, 'atomic_save', killed_at_last_pth)
+    with pytest.raises(RunError, match='interrupted at step 4; resume with --resume'):
+        run_fit(tmp_path, epoch=4, resume=str(tmp_path / 'last.pth'))
+    assert [r['step'] for r in checkpoints.read_metrics(tmp_path)] == ['2', '4']   # ahead of last.pth
+    monkeypatch.setattr(checkpoints, 'atomic_save', real_save)
+    run_fit(tmp_path, epoch=6, resume=str(tmp_path / 'last.pth'))
+    assert [r['step'] for r in checkpoints.read_metrics(tmp_path)] == ['2', '4', '6']
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.tmp')]
+    ranked = [f for f in os.listdir(tmp_path) if f.startswith('maml_step')]
+    assert len(ranked) == 2 and len(set(ranked)) == 2
+
+
+def saved_run(tmp_path, *flags):
+    """A finished run's last.pth written by fit with the flags of a real parse."""
+    args = parse_args(make_parser('test', 'omniglot', 'data'), 'omniglot',
+                      ['--save_dir', str(tmp_path), '--epoch', '2', '--log_every', '1', '--eval_every', '2',
+                       *flags])
+    maml, loader = make_meta(), ListLoader()
+    fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(), args).close()
+    return str(tmp_path / 'last.pth')
+
+
+def test_resume_takes_the_runs_settings_and_refuses_to_change_them(tmp_path):
+    last = saved_run(tmp_path, '--meta_lr', '0.003', '--k_spt', '2')
+    parser = make_parser('test', 'omniglot', 'data')
+    args = parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '4', '--eval_every', '1'])
+    assert (args.meta_lr, args.k_spt, args.eval_every) == (0.003, 2, 1), 'settings from the checkpoint'
+    for flag, value in [('--meta_lr', '0.01'), ('--k_spt', '1'), ('--update_step', '2'), ('--update_lr', '0.1'),
+                        ('--num_filters', '32'), ('--preset', 'paper-5w1s')]:
+        with pytest.raises(FlagError, match=f'{flag} {value} differs from the'):
+            parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '4', flag, value])
+    assert parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '4', '--k_spt', '2']).k_spt == 2
+    with pytest.raises(FlagError, match='--epoch 2 is not beyond step 2'):
+        parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '2'])
+    with pytest.raises(FlagError, match="was not written by miniimagenet's training script"):
+        parse_args(make_parser('test', 'miniimagenet', 'data'), 'miniimagenet', ['--resume', last, '--epoch', '4'])
+
+
+@pytest.mark.parametrize('flags, problem', [
+    (['--imgsz', '3'], '--imgsz 3 is too small'),
+    (['--update_lr', '-0.4'], '--update_lr is -0.4 but must be positive'),
+    (['--meta_lr', '0'], '--meta_lr is 0.0 but must be positive'),
+    (['--n_way', '1'], '--n_way must be at least 2'),
+    (['--k_qry_test', '0'], '--k_qry_test is 0 but must be at least 1'),
+    (['--grad_clip', '-1'], '--grad_clip is -1.0'),
+])
+def test_impossible_flags_are_refused_by_name(flags, problem):
+    with pytest.raises(FlagError, match=problem):
+        parse_args(make_parser('test', 'omniglot', 'data'), 'omniglot', flags)
+
+
+def test_a_diverging_inner_loop_stops_the_run(tmp_path):
+    maml = make_meta()
+    maml.update_lr = 1e6
+    with pytest.raises(RunError, match='so the run diverged; lower --meta_lr or --update_lr'):
+        run_fit(tmp_path, epoch=4, maml=maml)
+    assert not os.path.exists(tmp_path / 'last.pth')
+
+
+def test_preset_sets_the_experiment_and_explicit_flags_win():
+    parser = make_parser('test', 'omniglot', 'data')
+    args = parse_args(parser, 'omniglot', ['--preset', 'paper-5w1s', '--meta_lr', '5e-4'])
+    assert (args.k_qry, args.update_step, args.update_lr, args.meta_lr) == (1, 1, 2.0, 5e-4)
+    assert parse_args(parser, 'omniglot', []).k_qry == 15, 'without a preset, the seed defaults'
+
+
+def fake_ckpt(step, acc):
+    return {'step': step, 'acc': acc, 'model': {'w': torch.ones(3)}}
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes."""
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name != '.lock'}

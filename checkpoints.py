@@ -1,0 +1,155 @@
+"""
+The files of one training run, written so that nothing is ever lost or half-written.
+
+    run = RunDir('checkpoints', keep=3)   # locks the folder for this process
+    run.save(maml.checkpoint(step=500, acc=0.95, ...), row={'step': 500, 'val_acc': 0.95, ...})
+    run.rollback(step)                    # on --resume: forget what came after last.pth's step
+
+A run folder holds
+    maml_step{step}_acc{acc:.4f}.pth   the top `keep` evaluations by accuracy
+    best.pth                           a copy of the best of them
+    last.pth                           the latest evaluation, to --resume from
+    metrics.csv                        one row per evaluation
+    learning_curve.png                 metrics.csv drawn by plot.py (when matplotlib is installed)
+    .lock                              held (flock) by the run writing here
+
+last.pth is the commit point of an evaluation: the ranked file, best.pth and the metrics row are
+written first and last.pth after them, and a displaced ranked file is deleted only after that. A
+kill at any moment therefore leaves last.pth at or behind everything else, and `rollback` removes
+what an uncommitted evaluation left. Every file goes through a temporary name, fsync and rename.
+"""
+import csv
+import fcntl
+import os
+import re
+import shutil
+
+import torch
+
+from errors import RunError
+
+RANKED = re.compile(r'^maml_step(\d+)_acc(\d+\.\d+)\.pth$')
+
+
+def atomic_save(obj, path):
+    """torch.save to path.tmp, flushed to disk, then renamed over path."""
+    with open(path + '.tmp', 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + '.tmp', path)
+
+
+def check_finite(ckpt, step):
+    """Refuse to save weights that are not all finite (a diverged run must not overwrite good files)."""
+    bad = sum(int((~t.isfinite()).sum()) for t in ckpt['model'].values() if t.is_floating_point())
+    if bad:
+        raise RunError(f"The meta-parameters hold {bad} non-finite values at step {step}, so nothing was "
+                       f"saved; lower --meta_lr or --update_lr, or set --grad_clip, and resume from last.pth.")
+
+
+def read_metrics(folder):
+    """A run folder's metrics.csv as a list of dicts (empty when there is none yet)."""
+    path = os.path.join(folder, 'metrics.csv')
+    if not os.path.exists(path):
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+class RunDir:
+
+    def __init__(self, save_dir, keep):
+        self.dir, self.keep = save_dir, keep
+        os.makedirs(save_dir, exist_ok=True)
+        self._lock = open(self.path('.lock'), 'a+')
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise RunError(f"Another run is writing to {save_dir}; wait for it to end or pass another "
+                           f"--save_dir.") from None
+        for name in os.listdir(save_dir):
+            if name.endswith('.tmp'):   # left by a kill between write and rename
+                os.remove(self.path(name))
+        self.ranked = sorted(((float(m[2]), int(m[1]), self.path(f))
+                              for f in os.listdir(save_dir) if (m := RANKED.match(f))), reverse=True)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def close(self):
+        self._lock.close()   # releases the flock
+
+    def is_empty(self):
+        return not self.ranked and not any(os.path.exists(self.path(f)) for f in ('best.pth', 'last.pth',
+                                                                                   'metrics.csv'))
+
+    def holds(self, path):
+        """Whether `path` is a file of this run folder."""
+        return os.path.realpath(os.path.dirname(path)) == os.path.realpath(self.dir)
+
+    def save(self, ckpt, row):
+        """Record one evaluation: ckpt holds 'step' and 'acc'; row is its metrics.csv line."""
+        step, acc = ckpt['step'], ckpt['acc']
+        check_finite(ckpt, step)
+        enters = len(self.ranked) < self.keep or acc > self.ranked[-1][0]
+        if enters:
+            path = self.path(f'maml_step{step}_acc{acc:.4f}.pth')
+            atomic_save(ckpt, path)
+            if not self.ranked or acc > self.ranked[0][0]:
+                atomic_save(ckpt, self.path('best.pth'))
+            self.ranked = sorted(self.ranked + [(acc, step, path)], reverse=True)
+        self._append_row(row)
+        atomic_save(ckpt, self.path('last.pth'))
+        for _, _, dropped in self.ranked[self.keep:]:
+            os.remove(dropped)
+        self.ranked = self.ranked[:self.keep]
+
+    def rollback(self, step):
+        """Forget every evaluation after `step` (those whose last.pth was never written)."""
+        for entry in [e for e in self.ranked if e[1] > step]:
+            os.remove(entry[2])
+            self.ranked.remove(entry)
+        best = self.path('best.pth')
+        if os.path.exists(best) and torch.load(best, map_location='cpu', weights_only=True)['step'] > step:
+            if self.ranked:
+                shutil.copyfile(self.ranked[0][2], best + '.tmp')
+                os.replace(best + '.tmp', best)
+            else:
+                os.remove(best)
+        rows = self.rows()
+        if any(int(r['step']) > step for r in rows):
+            self._write_rows([r for r in rows if int(r['step']) <= step], fields=list(rows[0]))
+        self.ranked = self.ranked[:self.keep]
+
+    def adopt_metrics(self, other_dir, step):
+        """Start this (empty) folder's metrics.csv with another run folder's rows up to `step`, for a
+        run resumed from a checkpoint of `other_dir` into a new --save_dir."""
+        rows = [r for r in read_metrics(other_dir) if int(r['step']) <= step]
+        if rows:
+            self._write_rows(rows, fields=list(rows[0]))
+
+    def rows(self):
+        return read_metrics(self.dir)
+
+    def _append_row(self, row):
+        path = self.path('metrics.csv')
+        new = not os.path.exists(path)
+        with open(path, 'a', newline='') as f:
+            writer = csv.DictWriter(f, list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _write_rows(self, rows, fields):
+        path = self.path('metrics.csv')
+        with open(path + '.tmp', 'w', newline='') as f:
+            writer = csv.DictWriter(f, fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + '.tmp', path)

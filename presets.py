@@ -1,0 +1,48 @@
+"""
+Every setting of every experiment, in one place: the defaults of the two training scripts (the
+seed's) and the paper's experiments as the official code ran them (cbfinn/maml README commands,
+60,000 meta-iterations each; see ../shared/REFERENCE.md).
+
+    python omniglot_train.py --preset paper-5w1s         # Table 1, Omniglot 5-way 1-shot
+    python miniimagenet_train.py --preset paper-5w5s --meta_lr 5e-4   # explicit flags still win
+
+The official code's loss is the cross-entropy summed over a task's examples and divided by the
+shot count K, i.e. n_way times the mean cross-entropy used here, so its inner learning rate
+alpha becomes update_lr = alpha * n_way: 0.4 -> 2.0 (Omniglot 5-way), 0.1 -> 2.0 (20-way),
+0.01 -> 0.05 (mini-ImageNet). It trains Omniglot with K query images per class, and mini-ImageNet
+with 15 (K at test); each Omniglot class of a task gets a random rotation; checkpoints are chosen
+on 100 held-out training characters (Omniglot) or on the validation classes (mini-ImageNet).
+"""
+
+OMNIGLOT = dict(epoch=40000, n_way=5, k_spt=1, k_qry=15, k_qry_test=None, imgsz=28, task_num=32,
+                meta_lr=1e-3, update_lr=0.4, update_step=5, update_step_test=10, num_filters=64,
+                log_every=100, eval_every=500, eval_tasks=600, val_classes=100, rotate='none',
+                preprocess='official', split='random')
+
+MINIIMAGENET = dict(epoch=60000, n_way=5, k_spt=1, k_qry=15, k_qry_test=None, imgsz=84, task_num=4,
+                    meta_lr=1e-3, update_lr=0.01, update_step=5, update_step_test=10, num_filters=32,
+                    log_every=30, eval_every=500, eval_tasks=600, normalize='imagenet')
+
+_OMNIGLOT_5WAY = dict(epoch=60000, n_way=5, task_num=32, meta_lr=1e-3, update_lr=2.0, update_step=1,
+                      update_step_test=3, num_filters=64, imgsz=28, rotate='per_task', val_classes=100,
+                      preprocess='official', split='random')
+_OMNIGLOT_20WAY = dict(_OMNIGLOT_5WAY, n_way=20, task_num=16, update_lr=2.0, update_step=5, update_step_test=5)
+_MINI = dict(epoch=60000, n_way=5, k_qry=15, meta_lr=1e-3, update_lr=0.05, update_step=5,
+             update_step_test=10, num_filters=32, imgsz=84, normalize='none')
+
+PRESETS = {
+    'omniglot': {
+        'paper-5w1s': dict(_OMNIGLOT_5WAY, k_spt=1, k_qry=1, k_qry_test=1),
+        'paper-5w5s': dict(_OMNIGLOT_5WAY, k_spt=5, k_qry=5, k_qry_test=5),
+        'paper-20w1s': dict(_OMNIGLOT_20WAY, k_spt=1, k_qry=1, k_qry_test=1),
+        'paper-20w5s': dict(_OMNIGLOT_20WAY, k_spt=5, k_qry=5, k_qry_test=5),
+        # Lake et al. 2015: train on the 30 background alphabets, test 20-way 1-shot within one of
+        # the 20 evaluation alphabets (the paper's 20-way 1-shot recipe otherwise)
+        'lake-20w1s': dict(_OMNIGLOT_20WAY, k_spt=1, k_qry=1, k_qry_test=1, split='lake', val_classes=0),
+    },
+    'miniimagenet': {
+        'paper-5w1s': dict(_MINI, task_num=4, k_spt=1, k_qry_test=1),
+        'paper-5w5s': dict(_MINI, task_num=2, k_spt=5, k_qry_test=5),
+    },
+}
+DEFAULTS = {'omniglot': OMNIGLOT, 'miniimagenet': MINIIMAGENET}
