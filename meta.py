@@ -155,6 +155,18 @@ class Meta(nn.Module):
         params = {name: p.detach() for name, p in self.net.named_parameters()}
         return self._inner_loop(params, x_spt, y_spt, steps or self.update_step_test)[0]
 
+    @torch.no_grad()
+    def predict(self, x_spt, y_spt, x_qry, steps=None):
+        """Class probabilities of the query images [tasks, n_query, n_way] after `steps` (default
+        update_step_test) fine-tuning steps on each task's support set; for ensembles of learners."""
+        params = {name: p.detach() for name, p in self.net.named_parameters()}
+
+        def task(xs, ys, xq):
+            fast, _ = self._inner_loop(params, xs, ys, steps or self.update_step_test)
+            return functional_call(self.net, fast, (xq,)).float().softmax(-1)
+        with torch.autocast(x_spt.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            return vmap(task)(x_spt, y_spt, x_qry)
+
     def checkpoint(self, **extra):
         """A dict that `torch.load(..., weights_only=True)` reads and `from_checkpoint` rebuilds."""
         return {'model': self.net.state_dict(), 'config': self.net.config, 'hparams': self.hparams(),

@@ -1,0 +1,140 @@
+"""
+Evaluate a saved MAML checkpoint on the test split: accuracy after each fine-tuning step as
+mean +- 95% confidence interval over many tasks. The model and the data settings come from the
+checkpoint alone; flags change the evaluation protocol.
+
+    python evaluate.py checkpoints/best.pth                          # 600 test tasks, as trained
+    python evaluate.py checkpoints/best.pth --tasks 2000 --update_step_test 10 --json result.json
+    python evaluate.py checkpoints/best.pth --k_spt 5 --k_qry_test 5 # another shot count, same model
+    python evaluate.py checkpoints/best.pth --ensemble 5             # top-5 checkpoints of its run (MAML++)
+
+With the default --seed the tasks are those of the training script's final report, so a run's
+best.pth gives the test_acc it stored. --ensemble K averages the query-set class probabilities of
+the K best ranked checkpoints (maml_step*_acc*.pth) in the checkpoint's folder, each fine-tuned on
+the support set, as MAML++ reports its results.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+import miniimagenet_train
+import omniglot_train
+from checkpoints import RANKED
+from errors import FlagError
+from meta import Meta, load_checkpoint
+from MiniImagenet import MiniImagenetCache
+from presets import DEFAULTS
+from trainer import device_name, evaluate, format_accs, mean_ci, run_main
+
+EVAL_BATCH = miniimagenet_train.EVAL_BATCH   # the same batches as the script's report: the same tasks
+
+
+def task_sampler(settings, device, split):
+    """next_batch() over a fixed, seeded sequence of `split` tasks of the checkpoint's data set."""
+    n_way, k_spt, k_qry = settings.n_way, settings.k_spt, settings.k_qry_test
+    if settings.dataset == 'omniglot':
+        # the training script draws its evaluation tasks task_num at a time: the same draw gives the same tasks
+        db = omniglot_train.make_loader(settings, device)
+        db.reset(split, settings.seed)
+        return lambda: db.next(split, k_query=k_qry)
+    cache = MiniImagenetCache(settings.data, split, resize=settings.imgsz, device=device,
+                              normalize=settings.normalize)
+    cache.reset(settings.seed)
+    return lambda: cache.sample(EVAL_BATCH, n_way, k_spt, k_qry)
+
+
+def settings_of(ckpt, path, flags):
+    """The checkpoint's training flags, overridden by the evaluation flags given."""
+    saved = ckpt.get('args')
+    if not saved or 'dataset' not in saved:
+        raise FlagError(f"{path} does not record the data set and flags it was trained with (it was not "
+                        f"written by a training script of this version); evaluate it from a notebook instead.")
+    settings = argparse.Namespace(**{**DEFAULTS[saved['dataset']], **saved})
+    settings.k_qry_test = settings.k_qry_test or settings.k_qry
+    for name in ('data', 'n_way', 'k_spt', 'k_qry_test', 'update_step_test', 'seed'):
+        if getattr(flags, name) is not None:
+            setattr(settings, name, getattr(flags, name))
+    head = ckpt['config'][-1]
+    if head[0] != 'linear' or settings.n_way > head[1][0]:
+        raise FlagError(f"{path} ends in a head of {head[1][0]} outputs, so it cannot serve "
+                        f"{settings.n_way}-way tasks; pass --n_way {head[1][0]} or fewer.")
+    return settings
+
+
+def ensemble_members(path, k):
+    """The k best ranked checkpoints of the run folder holding `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    ranked = sorted(((float(m[2]), name) for name in os.listdir(folder) if (m := RANKED.match(name))), reverse=True)
+    if len(ranked) < k:
+        raise FlagError(f"--ensemble {k} needs {k} ranked checkpoints (maml_step*_acc*.pth) in {folder}, "
+                        f"which holds {len(ranked)}; lower --ensemble or raise --keep when training.")
+    return [os.path.join(folder, name) for _, name in ranked[:k]]
+
+
+def ensemble_accuracy(members, next_batch, n_tasks):
+    """Accuracies [n_tasks] of the averaged query-set probabilities of `members`."""
+    accs, n = [], 0
+    while n < n_tasks:
+        x_spt, y_spt, x_qry, y_qry = next_batch()
+        probs = torch.stack([m.predict(x_spt, y_spt, x_qry) for m in members]).mean(0)
+        accs.append((probs.argmax(-1) == y_qry).float().mean(-1))
+        n += len(accs[-1])
+    return torch.cat(accs)[:n_tasks].cpu()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('checkpoint', help='a .pth written by omniglot_train.py or miniimagenet_train.py')
+    p.add_argument('--data', help="data root (default: the checkpoint's)")
+    p.add_argument('--split', default='test', choices=['test', 'val'], help='split to evaluate on')
+    p.add_argument('--tasks', type=int, default=600, help='tasks to average over')
+    p.add_argument('--n_way', type=int, help="classes per task (default: the checkpoint's; at most its head's)")
+    p.add_argument('--k_spt', type=int, help="support images per class (default: the checkpoint's)")
+    p.add_argument('--k_qry_test', type=int, help="query images per class (default: the checkpoint's)")
+    p.add_argument('--update_step_test', type=int, help="fine-tuning steps (default: the checkpoint's)")
+    p.add_argument('--seed', type=int, default=omniglot_train.EVAL_SEED,
+                   help="seed of the task sequence (the default gives the training script's final report)")
+    p.add_argument('--ensemble', type=int, default=1, help='average the top-K ranked checkpoints of the run')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
+    p.add_argument('--json', help='also write the result to this JSON file')
+    flags = p.parse_args(argv)
+    if flags.tasks < 2:
+        raise FlagError(f"--tasks {flags.tasks} gives no confidence interval; use at least 2 (the paper: 600).")
+    device = torch.device(flags.device)
+    ckpt = load_checkpoint(flags.checkpoint, map_location=device)
+    settings = settings_of(ckpt, flags.checkpoint, flags)
+    maml = Meta.from_state(ckpt)
+    maml.update_step_test = settings.update_step_test
+    next_batch = task_sampler(settings, device, flags.split)
+    shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query images per class'
+    print(f'{flags.checkpoint}: {settings.dataset} {shape}, {flags.tasks} {flags.split} tasks, seed {settings.seed}, '
+          f'{device_name(device)}, torch {torch.__version__}')
+    if flags.ensemble > 1:
+        members = [Meta.from_checkpoint(path, map_location=device) for path in ensemble_members(flags.checkpoint,
+                                                                                                flags.ensemble)]
+        for member in members:
+            member.update_step_test = settings.update_step_test
+        accs = ensemble_accuracy(members, next_batch, flags.tasks)[:, None]
+    else:
+        accs = evaluate(maml, next_batch, flags.tasks, desc=f'{flags.split} tasks')
+    mean, half = mean_ci(accs)
+    what = f'ensemble of {flags.ensemble}' if flags.ensemble > 1 else f'by step: {format_accs(mean)}'
+    print(f'{flags.split} acc {100 * mean[-1]:.2f} +- {100 * half[-1]:.2f}% after {settings.update_step_test} '
+          f'steps  ({what})')
+    if flags.json:
+        result = dict(checkpoint=flags.checkpoint, dataset=settings.dataset, split=flags.split, tasks=flags.tasks,
+                      n_way=settings.n_way, k_spt=settings.k_spt, k_qry_test=settings.k_qry_test,
+                      update_step_test=settings.update_step_test, seed=settings.seed, ensemble=flags.ensemble,
+                      acc_by_step=[float(m) for m in mean], ci_by_step=[float(h) for h in half],
+                      device=device_name(device), torch=torch.__version__)
+        with open(flags.json, 'w') as f:
+            json.dump(result, f, indent=1)
+    return mean, half
+
+
+if __name__ == '__main__':
+    run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,53 @@
+"""The paper presets are the official code's README commands, translated by the rules of presets.py."""
+import pytest
+
+from presets import DEFAULTS, PRESETS
+from trainer import make_parser, parse_args
+
+# cbfinn/maml README (../shared/REFERENCE.md): every command runs 60,000 meta-iterations; the
+# official loss is n_way times a mean cross-entropy's, so update_lr here = official update_lr * n_way.
+OFFICIAL = {
+    ('omniglot', 'paper-5w1s'): dict(meta_batch_size=32, num_classes=5, update_batch_size=1, update_lr=0.4,
+                                     num_updates=1),
+    ('omniglot', 'paper-5w5s'): dict(meta_batch_size=32, num_classes=5, update_batch_size=5, update_lr=0.4,
+                                     num_updates=1),
+    ('omniglot', 'paper-20w1s'): dict(meta_batch_size=16, num_classes=20, update_batch_size=1, update_lr=0.1,
+                                      num_updates=5),
+    ('omniglot', 'paper-20w5s'): dict(meta_batch_size=16, num_classes=20, update_batch_size=5, update_lr=0.1,
+                                      num_updates=5),
+    ('miniimagenet', 'paper-5w1s'): dict(meta_batch_size=4, num_classes=5, update_batch_size=1, update_lr=0.01,
+                                         num_updates=5, num_filters=32),
+    ('miniimagenet', 'paper-5w5s'): dict(meta_batch_size=2, num_classes=5, update_batch_size=5, update_lr=0.01,
+                                         num_updates=5, num_filters=32),
+}
+# the paper's appendix A.1: inner steps at test time
+TEST_STEPS = {'paper-5w1s': 3, 'paper-5w5s': 3, 'paper-20w1s': 5, 'paper-20w5s': 5}
+
+
+@pytest.mark.parametrize('dataset, preset', sorted(OFFICIAL))
+def test_paper_presets_are_the_official_commands(dataset, preset):
+    official, ours = OFFICIAL[(dataset, preset)], PRESETS[dataset][preset]
+    k = official['update_batch_size']
+    assert ours['epoch'] == 60000 and ours['meta_lr'] == 1e-3
+    assert ours['task_num'] == official['meta_batch_size'] and ours['n_way'] == official['num_classes']
+    assert ours['k_spt'] == k and ours['k_qry_test'] == k
+    assert ours['update_lr'] == pytest.approx(official['update_lr'] * official['num_classes'])
+    assert ours['update_step'] == official['num_updates']
+    if dataset == 'omniglot':
+        assert ours['k_qry'] == k, 'Omniglot trains with K query images per class'
+        assert ours['update_step_test'] == TEST_STEPS[preset]
+        assert (ours['num_filters'], ours['imgsz']) == (64, 28)
+        assert (ours['rotate'], ours['preprocess'], ours['val_classes']) == ('per_task', 'official', 100)
+    else:
+        assert ours['k_qry'] == 15, 'mini-ImageNet trains with 15 query images per class'
+        assert ours['update_step_test'] == 10 and ours['num_filters'] == official['num_filters']
+        assert ours['normalize'] == 'none', 'the official code only divides by 255'
+
+
+@pytest.mark.parametrize('dataset', ['omniglot', 'miniimagenet'])
+def test_every_preset_parses_and_passes_the_flag_checks(dataset):
+    parser = make_parser('test', dataset, 'data')
+    for name, preset in PRESETS[dataset].items():
+        args = parse_args(parser, dataset, ['--preset', name])
+        assert all(getattr(args, flag) == value for flag, value in preset.items())
+        assert set(preset) <= set(DEFAULTS[dataset]) | {'k_qry_test'}, 'a preset sets only known flags'
