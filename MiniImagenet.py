@@ -9,6 +9,7 @@ mini-ImageNet N-way K-shot episodes (Ravi & Larochelle split) for MAML, two ways
         ...                                       # y_spt: [4, n_way*k_shot] int64 in 0..n_way-1
 
     # the fast path: the split decoded once into a uint8 .npy cache, tasks sampled on the device
+    check_splits('miniimagenet', {'train': (5, 1, 15), 'val': (5, 1, 1), 'test': (5, 1, 1)})  # before decoding
     cache = MiniImagenetCache('miniimagenet', mode='train', resize=84, device='cuda')
     x_spt, y_spt, x_qry, y_qry = cache.sample(4, n_way=5, k_shot=1, k_query=15)
     cache.reset(seed=0)                           # a fixed sequence of tasks, e.g. for evaluation
@@ -16,8 +17,10 @@ mini-ImageNet N-way K-shot episodes (Ravi & Larochelle split) for MAML, two ways
 
 root holds the layout of the MAML-Pytorch README: root/images/*.jpg (84x84 RGB) and
 root/{train,val,test}.csv with the header `filename,label`. Both paths share the CSV checks, the
-decoder, the normalisation (ImageNet mean/std, as in the seed) and the task drawing: a CPU cache
-seeded like a Dataset gives its first tasks (up to DRAW_CHUNK) in one sample() call, bit for bit.
+decoder, the normalisation and the task drawing: a CPU cache seeded like a Dataset gives its first
+tasks (up to DRAW_CHUNK) in one sample() call, bit for bit. pixel_norm='imagenet' (default, as in
+the seed) normalises with the ImageNet mean and std; pixel_norm='unit' only divides by 255, as the
+official MAML code does.
 """
 import csv
 import hashlib
@@ -35,6 +38,7 @@ from episodes import draw_tasks
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PIXEL_NORMS = ('imagenet', 'unit')
 CSV_HEADER = ['filename', 'label']
 LAYOUT_HELP = ("get the mini-ImageNet data (Ravi & Larochelle split; here the shared archive "
                "images_{train,val,test}.tar.gz plus its CSVs) and lay it out as in the MAML-Pytorch "
@@ -84,6 +88,14 @@ def read_split(root, mode):
             'csv_sha': hashlib.sha256(csv_bytes).hexdigest()}
 
 
+def check_splits(root, tasks):
+    """Fail before any decoding unless every split's CSV and images exist and each split can give
+    its tasks: tasks maps a mode to (n_way, k_shot, k_query), e.g. {'train': (5, 1, 15), 'val':
+    (5, 1, 1), 'test': (5, 1, 1)}, so that a run does not stop at its test split after training."""
+    for mode, (n_way, k_shot, k_query) in tasks.items():
+        check_task(read_split(root, mode), mode, n_way, k_shot, k_query)
+
+
 def check_task(split, mode, n_way, k_shot, k_query):
     """Fail clearly when the split cannot give n_way-way tasks of k_shot + k_query images per class."""
     if n_way > len(split['class_names']):
@@ -125,23 +137,27 @@ def normalize(x, scale, shift):
     return torch.addcmul(shift, x.float(), scale)
 
 
-def imagenet_normalizer(device):
-    """(scale, shift) [3, 1, 1] on device for `normalize`, from the ImageNet mean and std."""
-    mean, std = (torch.tensor(s, device=device).view(3, 1, 1) for s in (IMAGENET_MEAN, IMAGENET_STD))
+def normalizer(pixel_norm, device):
+    """(scale, shift) [3, 1, 1] on device for `normalize`: from the ImageNet mean and std
+    ('imagenet'), or mean 0 and std 1, i.e. x / 255 only ('unit')."""
+    if pixel_norm not in PIXEL_NORMS:
+        raise FlagError(f"pixel_norm={pixel_norm!r} is not one of {', '.join(map(repr, PIXEL_NORMS))}; "
+                        f"pick one of those.")
+    mean, std = ((IMAGENET_MEAN, IMAGENET_STD) if pixel_norm == 'imagenet' else ((0.0,) * 3, (1.0,) * 3))
+    mean, std = (torch.tensor(s, device=device).view(3, 1, 1) for s in (mean, std))
     return 1 / (255 * std), -mean / std
 
 
 class MiniImagenet(torch.utils.data.Dataset):
     """batchsz tasks drawn once in __init__ from a seeded generator; images decoded per item."""
 
-    def __init__(self, root, mode, batchsz, n_way, k_shot, k_query, resize=84, startidx=0, seed=0):
+    def __init__(self, root, mode, batchsz, n_way, k_shot, k_query, resize=84, seed=0, pixel_norm='imagenet'):
         self.root, self.mode, self.resize = root, mode, resize
         self.batchsz, self.n_way, self.k_shot, self.k_query = batchsz, n_way, k_shot, k_query
-        self.startidx = startidx    # the seed's offset of absolute labels; episode labels are relative
+        self.scale, self.shift = normalizer(pixel_norm, 'cpu')
         split = read_split(root, mode)
         check_task(split, mode, n_way, k_shot, k_query)
         self.class_names, self.filenames = split['class_names'], split['filenames']
-        self.scale, self.shift = imagenet_normalizer('cpu')
         generator = torch.Generator().manual_seed(seed)
         index_table, counts = torch.from_numpy(split['index_table']), torch.from_numpy(split['counts'])
         chunks = [draw_tasks(index_table, counts, min(DRAW_CHUNK, batchsz - start), n_way, k_shot,
@@ -172,8 +188,9 @@ class MiniImagenetCache:
     """
 
     def __init__(self, root, mode, resize=84, device='cpu', seed=0, cache_dir=None, num_workers=None,
-                 keep_on_device=None):
+                 keep_on_device=None, pixel_norm='imagenet'):
         self.root, self.mode, self.resize, self.device = root, mode, resize, torch.device(device)
+        self.scale, self.shift = normalizer(pixel_norm, self.device)
         split = read_split(root, mode)
         cache_dir = cache_dir or os.path.join(root, 'cache')
         self.cache_path = os.path.join(cache_dir, f"{mode}_{resize}_{split['csv_sha'][:12]}.npy")
@@ -193,6 +210,7 @@ class MiniImagenetCache:
                  'index_table': np.arange(n_classes * per_class).reshape(n_classes, per_class)}
         cache = cls.__new__(cls)
         cache.root, cache.mode, cache.resize, cache.device = None, 'synthetic', resize, torch.device(device)
+        cache.scale, cache.shift = normalizer('imagenet', cache.device)
         images = np.random.default_rng(seed).integers(0, 256, (n_classes * per_class, 3, resize, resize), np.uint8)
         cache._place(images, split, seed, keep_on_device=None)
         return cache
@@ -210,7 +228,6 @@ class MiniImagenetCache:
                                      pin=not keep_on_device and self.device.type == 'cuda')
         self.index_table = torch.from_numpy(split['index_table']).to(self.index_device)
         self.counts = torch.from_numpy(split['counts']).to(self.index_device)
-        self.scale, self.shift = imagenet_normalizer(self.device)
         self.generator = torch.Generator(device=self.index_device)
         self.reset(seed)
 

@@ -4,8 +4,21 @@ Drawing N-way K-shot tasks as index tensors, shared by the Omniglot and MiniImag
 A split is an index_table [n_classes, max_per_class] of positions in the split's image store and
 the counts [n_classes] of images per class. Everything happens with tensor ops on the device of
 the table and generator: no host sync, so the draw can run ahead of the GPU like any other kernel.
+
+    classes, support, support_y, query, query_y = draw_tasks(index_table, counts, b, n_way, k_shot,
+                                                             k_query, generator)
+    # every task's classes from one group (e.g. one Omniglot alphabet, as in Lake et al. 2015):
+    members, sizes = group_table(alphabet_of_each_class, device)
+    classes, ... = draw_group_tasks(index_table, counts, b, n_way, k_shot, k_query, generator, members, sizes)
 """
 import torch
+
+
+def _pick(scores, n, sizes):
+    """n distinct random positions per row of scores [b, width], among the first sizes[b] of each
+    row: slots past a row's size score -1 and are never picked while n <= size."""
+    slot = torch.arange(scores.shape[-1], device=scores.device)
+    return scores.masked_fill(slot >= sizes.unsqueeze(-1), -1.0).topk(n).indices
 
 
 def _shuffle_within_task(flat, generator):
@@ -16,6 +29,16 @@ def _shuffle_within_task(flat, generator):
     return flat.reshape(b, -1).gather(1, order), labels.gather(1, order)
 
 
+def draw_images(index_table, counts, classes, k_shot, k_query, generator):
+    """Support and query indices and labels [b, n_way*k] of the tasks whose classes [b, n_way] are
+    given (label j is classes[:, j]); support and query images are distinct drawings."""
+    scores = torch.rand(*classes.shape, index_table.shape[1], generator=generator, device=classes.device)
+    picked = index_table[classes.unsqueeze(-1), _pick(scores, k_shot + k_query, counts[classes])]
+    support, support_y = _shuffle_within_task(picked[..., :k_shot], generator)
+    query, query_y = _shuffle_within_task(picked[..., k_shot:], generator)
+    return support, support_y, query, query_y
+
+
 def draw_tasks(index_table, counts, num_tasks, n_way, k_shot, k_query, generator):
     """Draw tasks with tensor ops only (no host sync), on the device of index_table and generator.
 
@@ -23,13 +46,28 @@ def draw_tasks(index_table, counts, num_tasks, n_way, k_shot, k_query, generator
     labels [b, n_way*k_shot] and query indices and labels [b, n_way*k_query]; indices are positions
     in the split's filenames. Classes of a task are distinct, support and query images disjoint.
     """
+    classes = torch.rand(num_tasks, len(counts), generator=generator, device=index_table.device).topk(n_way).indices
+    return (classes, *draw_images(index_table, counts, classes, k_shot, k_query, generator))
+
+
+def group_table(group_of_class, device):
+    """The classes of each group: members [n_groups, max_size] (class positions, padded with 0) and
+    sizes [n_groups], from the group label of every class (groups in order of first appearance)."""
+    groups = {}
+    for position, group in enumerate(group_of_class):
+        groups.setdefault(group, []).append(position)
+    width = max(len(g) for g in groups.values())
+    members = torch.tensor([g + [0] * (width - len(g)) for g in groups.values()], device=device)
+    return members, torch.tensor([len(g) for g in groups.values()], device=device)
+
+
+def draw_group_tasks(index_table, counts, num_tasks, n_way, k_shot, k_query, generator, members, sizes):
+    """Like draw_tasks, but all n_way classes of a task come from one group of group_table's
+    members and sizes, drawn uniformly among the groups of at least n_way classes (the caller
+    makes sure there is one)."""
     device = index_table.device
-    classes = torch.rand(num_tasks, len(counts), generator=generator, device=device).topk(n_way).indices
-    # a random score per image slot; slots past a smaller class's count score -1 and are never picked
-    scores = torch.rand(num_tasks, n_way, index_table.shape[1], generator=generator, device=device)
-    slot = torch.arange(index_table.shape[1], device=device)
-    scores = scores.masked_fill(slot >= counts[classes].unsqueeze(-1), -1.0)
-    picked = index_table[classes.unsqueeze(-1), scores.topk(k_shot + k_query).indices]
-    support, support_y = _shuffle_within_task(picked[..., :k_shot], generator)
-    query, query_y = _shuffle_within_task(picked[..., k_shot:], generator)
-    return classes, support, support_y, query, query_y
+    group_scores = torch.rand(num_tasks, len(sizes), generator=generator, device=device)
+    group = group_scores.masked_fill(sizes < n_way, -1.0).argmax(-1)
+    within = _pick(torch.rand(num_tasks, members.shape[1], generator=generator, device=device), n_way, sizes[group])
+    classes = members[group].gather(1, within)
+    return (classes, *draw_images(index_table, counts, classes, k_shot, k_query, generator))

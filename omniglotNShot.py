@@ -5,23 +5,39 @@ N-way K-shot Omniglot episodes, sampled on the device that trains.
                        device='cuda')
     x_spt, y_spt, x_qry, y_qry = db.next('train')   # or 'test' (or 'val', with val_classes)
     # x_spt [32, 5*1, 1, 28, 28] float32 in [0, 1], y_spt [32, 5] int64 in 0..4, already on `device`
+    x_spt, y_spt, x_qry, y_qry = db.next('test', k_query=1)   # another query count, e.g. at test
 
 Where the data comes from, first match wins:
-    <root>/omniglot_<imgsz>.pt                        a cache of this loader (uint8, ~25 MB at 28x28)
+    <root>/omniglot_<imgsz>_<preprocess>.pt           a cache of this loader (uint8, ~25 MB at 28x28)
     <root>/images_background/, images_evaluation/     an extraction (also under <root>/processed/)
     <root>/images_background.zip, images_evaluation.zip  the official archives, extracted here
     BASE_URL                                          downloaded into <root>, MD5-checked
-The 1623 characters are split by a seeded permutation (never filesystem order) into 1200 for
-meta-training and 423 for test, as in the paper; `val_classes=100` holds 100 of the 1200 out as
-a 'val' split for choosing checkpoints (the official code's 1100 + 100). `rotate=True` adds each
-training character rotated by 90, 180 and 270 degrees as three new classes (the paper's augmentation).
+
+preprocess: 'official' (default) resizes the 105x105 1-bit PNG as the official code's
+resize_images.py does (PIL resamples a 1-bit image by nearest neighbour whatever filter is asked,
+so it stays binary) and inverts it: ink 1, background 0. 'greyscale' is the seed's: the PNG as
+greyscale, LANCZOS-resized (antialiased), background 1 and ink near 0.
+
+split: 'random' (default) splits the 1623 characters by a seeded permutation (never filesystem
+order) into 1200 for meta-training and 423 for test, as in the paper; `val_classes=100` holds 100
+of the 1200 out as a 'val' split for choosing checkpoints (the official code's 1100 + 100).
+'lake' is Omniglot's own benchmark (Lake et al. 2015): meta-training on the 30 images_background
+alphabets, test on the 20 images_evaluation alphabets; `val_alphabets=5` holds 5 whole background
+alphabets (chosen by a seeded permutation) out as 'val', so that validation, like the test, meets
+unseen alphabets. `within_alphabet=('val', 'test')` draws every task of those splits from one
+alphabet (the benchmark's 20-way 1-shot tasks); alphabets with fewer than n_way characters are
+never drawn. It works with either split.
+
+rotate: 'classes' (or True) adds each training character rotated by 90, 180 and 270 degrees as
+three new classes; 'per_task' is the official code's draw: in every task of every split, each
+class gets one random rotation out of 0/90/180/270, the same for its support and query images,
+so a character appears at most once per task.
 
 The whole set lives on `device` as uint8 and each episode is one gather there, so training does
 no per-step host-to-device copy: that is why no pinned-memory loader is needed for Omniglot.
 """
 import os
 import shutil
-import tempfile
 import urllib.error
 import zipfile
 
@@ -31,7 +47,7 @@ from PIL import Image
 from torchvision.datasets.utils import download_url, extract_archive
 
 from errors import DamagedError, FlagError, MissingError
-from episodes import draw_tasks
+from episodes import draw_group_tasks, draw_tasks, group_table
 
 BASE_URL = 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python/'
 ARCHIVE_MD5 = {'images_background': '68d2efa1b9178cc56df9314c21c6e718',
@@ -39,6 +55,10 @@ ARCHIVE_MD5 = {'images_background': '68d2efa1b9178cc56df9314c21c6e718',
 DRAWINGS = 20            # every Omniglot character is drawn by 20 people
 N_TRAIN_CLASSES = 1200   # the paper's meta-training split; the other 423 characters are for test
 SPLIT_SEED = 0           # fixed so that every run and every checkpoint sees the same test characters
+PREPROCESSING = ('official', 'greyscale')
+SPLITS = ('random', 'lake')
+ROTATIONS = (None, 'classes', 'per_task')
+SCRATCH_PREFIX = '.extracting-'   # + '<pid>-<part>': an extraction under way, or killed midway
 
 
 def fetch_archives(root, download=True, base_url=BASE_URL, md5=ARCHIVE_MD5):
@@ -62,7 +82,9 @@ def fetch_archives(root, download=True, base_url=BASE_URL, md5=ARCHIVE_MD5):
 def _extract(archive, root, part):
     """Extract <part>.zip into a scratch folder, then rename <part>/ into place: an interrupted
     extraction never passes for a complete one, and zipfile drops absolute and '..' member paths."""
-    scratch = tempfile.mkdtemp(prefix='.extracting-', dir=root)
+    scratch = os.path.join(root, f'{SCRATCH_PREFIX}{os.getpid()}-{part}')
+    shutil.rmtree(scratch, ignore_errors=True)   # left by a dead process that had our pid
+    os.makedirs(scratch)
     try:
         extract_archive(archive, scratch)
         if not os.path.isdir(os.path.join(scratch, part)):
@@ -74,6 +96,26 @@ def _extract(archive, root, part):
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return os.path.join(root, part)
+
+
+def _remove_stale_scratch(root):
+    """Delete the scratch folders of extractions whose process is gone (killed midway): a live
+    process's folder stays, so concurrent runs on one root do not disturb each other."""
+    for name in os.listdir(root):
+        if name.startswith(SCRATCH_PREFIX):
+            pid = name[len(SCRATCH_PREFIX):].partition('-')[0]
+            if not (pid.isdigit() and _process_exists(int(pid))):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def _process_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # someone else's process
+        return True
+    return True
 
 
 def _download(url, root, archive, md5):
@@ -96,14 +138,17 @@ def missing_data_message(root, reason=''):
             f"(from {BASE_URL}) there, or pass --data to the folder that holds them.")
 
 
-def load_images(root, imgsz, download=True):
-    """uint8 tensor [1623, 20, imgsz, imgsz] and the 'alphabet/character' name of each class,
-    decoded once and cached at <root>/omniglot_<imgsz>.pt."""
-    cache = os.path.join(root, f'omniglot_{imgsz}.pt')
+def load_images(root, imgsz, preprocess='official', download=True):
+    """uint8 tensor [1623, 20, imgsz, imgsz], the 'alphabet/character' name of each class and how
+    many of them (the first ones) come from images_background; decoded once and cached at
+    <root>/omniglot_<imgsz>_<preprocess>.pt."""
+    if os.path.isdir(root):
+        _remove_stale_scratch(root)
+    cache = os.path.join(root, f'omniglot_{imgsz}_{preprocess}.pt')
     if os.path.isfile(cache):
         try:
             saved = torch.load(cache, weights_only=True)
-            return saved['images'], saved['classes']
+            return saved['images'], saved['classes'], saved['background']
         except Exception:
             print(f"Omniglot cache {cache} is unreadable; rebuilding it from the images.")
     images, classes = [], []
@@ -115,59 +160,116 @@ def load_images(root, imgsz, download=True):
                 if len(files) != DRAWINGS:
                     raise DamagedError(f"{path} holds {len(files)} drawings instead of {DRAWINGS}; "
                                        f"the extraction is incomplete, so delete it and run again.")
-                images.append(np.stack([_read_png(os.path.join(path, f), imgsz) for f in files]))
+                images.append(np.stack([_read_png(os.path.join(path, f), imgsz, preprocess) for f in files]))
                 classes.append(f'{alphabet}/{character}')
+        if os.path.basename(folder) == 'images_background':
+            background = len(classes)
     images = torch.from_numpy(np.stack(images))
-    torch.save({'images': images, 'classes': classes}, cache + '.tmp')
+    torch.save({'images': images, 'classes': classes, 'background': background}, cache + '.tmp')
     os.replace(cache + '.tmp', cache)
-    return images, classes
+    return images, classes, background
 
 
-def _read_png(path, imgsz):
+def _read_png(path, imgsz, preprocess):
     try:
         with Image.open(path) as img:
+            if preprocess == 'official':   # no convert first: PIL keeps a 1-bit image binary
+                return 255 - np.asarray(img.resize((imgsz, imgsz), Image.LANCZOS).convert('L'), dtype=np.uint8)
             return np.asarray(img.convert('L').resize((imgsz, imgsz), Image.LANCZOS), dtype=np.uint8)
     except OSError:
         raise DamagedError(f"Cannot read {path}; the file is damaged, so delete the extracted "
                            f"folders and run again to extract the archives anew.") from None
 
 
+def _choice(value, allowed, what):
+    if value not in allowed:
+        raise FlagError(f"{what}={value!r} is not one of {', '.join(map(repr, allowed))}; pick one of those.")
+    return value
+
+
 class OmniglotNShot:
 
-    def __init__(self, root, batchsz, n_way, k_shot, k_query, imgsz=28, device='cpu',
-                 rotate=False, download=True, seed=0, val_classes=0):
-        if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWINGS:
-            raise FlagError(f"Omniglot has {DRAWINGS} drawings per character, so k_spt={k_shot} and "
-                             f"k_qry={k_query} cannot both be drawn; use k_spt, k_qry >= 1 with "
-                             f"k_spt + k_qry <= {DRAWINGS}.")
+    def __init__(self, root, batchsz, n_way, k_shot, k_query, imgsz=28, device='cpu', rotate=None,
+                 download=True, seed=0, val_classes=0, preprocess='official', split='random',
+                 val_alphabets=0, within_alphabet=()):
+        self._check_shots(k_shot, k_query)
+        self.rotate = _choice({True: 'classes', False: None}.get(rotate, rotate), ROTATIONS, 'rotate')
+        _choice(preprocess, PREPROCESSING, 'preprocess')
+        _choice(split, SPLITS, 'split')
         self.batchsz, self.n_way, self.k_shot, self.k_query = batchsz, n_way, k_shot, k_query
         self.imgsz, self.device = imgsz, torch.device(device)
-        images, self.classes = load_images(root, imgsz, download)
-        if not 0 <= val_classes <= N_TRAIN_CLASSES - n_way:
-            raise FlagError(f"val_classes={val_classes} must lie between 0 and {N_TRAIN_CLASSES - n_way}, "
-                             f"so that {n_way}-way training tasks remain.")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(SPLIT_SEED))
-        n_train = N_TRAIN_CLASSES - val_classes
-        self.class_ids = {'train': order[:n_train], 'val': order[n_train:N_TRAIN_CLASSES],
-                          'test': order[N_TRAIN_CLASSES:]}
-        if not val_classes:
+        images, self.classes, n_background = load_images(root, imgsz, preprocess, download)
+        self.alphabets = [name.split('/')[0] for name in self.classes]
+        if split == 'random':
+            self.class_ids = self._random_split(len(images), val_classes, val_alphabets, n_way)
+        else:
+            self.class_ids = self._lake_split(len(images), n_background, val_classes, val_alphabets, n_way)
+        if not len(self.class_ids['val']):
             del self.class_ids['val']
         # each split as a flat store [classes * 20, 1, s, s] and the table of its classes' positions
         self.data, self.index_table, self.counts = {}, {}, {}
         for mode, ids in self.class_ids.items():
-            split = images[ids]
-            if mode == 'train' and rotate:
-                split = torch.cat([split.rot90(k, dims=(-2, -1)) for k in range(4)])
+            split_images = images[ids]
+            if mode == 'train' and self.rotate == 'classes':
+                split_images = torch.cat([split_images.rot90(k, dims=(-2, -1)) for k in range(4)])
                 self.class_ids[mode] = ids.repeat(4)
-            if n_way > len(split):
-                raise FlagError(f"n_way={n_way} is more than the {len(split)} Omniglot {mode} classes; "
-                                 f"lower --n_way.")
-            self.data[mode] = split.reshape(-1, 1, imgsz, imgsz).to(self.device)
-            self.index_table[mode] = torch.arange(len(split) * DRAWINGS, device=self.device).view(-1, DRAWINGS)
-            self.counts[mode] = torch.full((len(split),), DRAWINGS, device=self.device)
+            if n_way > len(split_images):
+                raise FlagError(f"n_way={n_way} is more than the {len(split_images)} Omniglot {mode} classes; "
+                                f"lower --n_way.")
+            self.data[mode] = split_images.reshape(-1, 1, imgsz, imgsz).to(self.device)
+            self.index_table[mode] = torch.arange(len(split_images) * DRAWINGS, device=self.device).view(-1, DRAWINGS)
+            self.counts[mode] = torch.full((len(split_images),), DRAWINGS, device=self.device)
+        self.alphabet_groups = {mode: self._alphabet_groups(mode, n_way) for mode in within_alphabet}
+        # rotating a flat image = gathering its pixels at rot90 of the pixel positions
+        positions = torch.arange(imgsz * imgsz, device=self.device).view(imgsz, imgsz)
+        self.rotated_positions = torch.stack([positions.rot90(k).reshape(-1) for k in range(4)])
         self.generators = {mode: torch.Generator(self.device) for mode in self.data}
         for i, mode in enumerate(self.data):
             self.reset(mode, seed + i)
+
+    @staticmethod
+    def _check_shots(k_shot, k_query):
+        if k_shot < 1 or k_query < 1 or k_shot + k_query > DRAWINGS:
+            raise FlagError(f"Omniglot has {DRAWINGS} drawings per character, so k_spt={k_shot} and "
+                            f"k_qry={k_query} cannot both be drawn; use k_spt, k_qry >= 1 with "
+                            f"k_spt + k_qry <= {DRAWINGS}.")
+
+    @staticmethod
+    def _random_split(n_classes, val_classes, val_alphabets, n_way):
+        if val_alphabets:
+            raise FlagError("val_alphabets holds out whole alphabets of split='lake'; with the random "
+                            "split use val_classes.")
+        if not 0 <= val_classes <= N_TRAIN_CLASSES - n_way:
+            raise FlagError(f"val_classes={val_classes} must lie between 0 and {N_TRAIN_CLASSES - n_way}, "
+                            f"so that {n_way}-way training tasks remain.")
+        order = torch.randperm(n_classes, generator=torch.Generator().manual_seed(SPLIT_SEED))
+        n_train = N_TRAIN_CLASSES - val_classes
+        return {'train': order[:n_train], 'val': order[n_train:N_TRAIN_CLASSES], 'test': order[N_TRAIN_CLASSES:]}
+
+    def _lake_split(self, n_classes, n_background, val_classes, val_alphabets, n_way):
+        if val_classes:
+            raise FlagError("split='lake' holds out whole background alphabets for validation; use "
+                            "val_alphabets instead of val_classes.")
+        background = sorted(set(self.alphabets[:n_background]))
+        if not 0 <= val_alphabets < len(background):
+            raise FlagError(f"val_alphabets={val_alphabets} must lie between 0 and {len(background) - 1}, "
+                            f"so that some of the {len(background)} background alphabets remain for training.")
+        order = torch.randperm(len(background), generator=torch.Generator().manual_seed(SPLIT_SEED))
+        held_out = {background[i] for i in order[:val_alphabets].tolist()}
+        is_val = torch.tensor([a in held_out for a in self.alphabets[:n_background]], dtype=torch.bool)
+        ids = torch.arange(n_background)
+        return {'train': ids[~is_val], 'val': ids[is_val], 'test': torch.arange(n_background, n_classes)}
+
+    def _alphabet_groups(self, mode, n_way):
+        """The classes of `mode` grouped by alphabet (rotated copies stay in their alphabet)."""
+        if mode not in self.data:
+            raise FlagError(f"within_alphabet names split {mode!r}, which this loader does not have "
+                            f"(it has {', '.join(self.data)}); name only those.")
+        members, sizes = group_table([self.alphabets[c] for c in self.class_ids[mode].tolist()], self.device)
+        if not (sizes >= n_way).any():
+            raise FlagError(f"no Omniglot {mode} alphabet has {n_way} characters, so no {n_way}-way task "
+                            f"can come from one alphabet; lower --n_way or draw {mode} tasks across alphabets.")
+        return members, sizes
 
     def reset(self, mode, seed):
         """Restart the episode stream of `mode` (e.g. to evaluate on the same tasks every time)."""
@@ -180,12 +282,25 @@ class OmniglotNShot:
         for mode, g in self.generators.items():
             g.set_state(state[mode])
 
-    def next(self, mode='train', return_indices=False):
-        """One meta-batch of `batchsz` tasks from the `mode` classes. With return_indices, also
-        `classes` [b, n_way] (label j of task i is class classes[i, j] of this split) and the
-        positions of the support and query images in self.data[mode]."""
-        classes, spt, y_spt, qry, y_qry = draw_tasks(self.index_table[mode], self.counts[mode], self.batchsz,
-                                                     self.n_way, self.k_shot, self.k_query, self.generators[mode])
-        x_spt, x_qry = (self.data[mode][i].float().div_(255) for i in (spt, qry))
-        batch = (x_spt, y_spt, x_qry, y_qry)
+    def next(self, mode='train', k_query=None, return_indices=False):
+        """One meta-batch of `batchsz` tasks from the `mode` classes, with k_query query images per
+        class (default: the constructor's). With return_indices, also `classes` [b, n_way] (label j
+        of task i is class classes[i, j] of this split) and the positions of the support and query
+        images in self.data[mode] (before any per-task rotation)."""
+        k_query = self.k_query if k_query is None else k_query
+        self._check_shots(self.k_shot, k_query)
+        task = (self.index_table[mode], self.counts[mode], self.batchsz, self.n_way, self.k_shot, k_query,
+                self.generators[mode])
+        groups = self.alphabet_groups.get(mode)
+        classes, spt, y_spt, qry, y_qry = draw_group_tasks(*task, *groups) if groups else draw_tasks(*task)
+        x_spt, x_qry = self.data[mode][spt], self.data[mode][qry]
+        if self.rotate == 'per_task':
+            turns = torch.randint(4, classes.shape, generator=self.generators[mode], device=self.device)
+            x_spt, x_qry = self._rotate(x_spt, turns.gather(1, y_spt)), self._rotate(x_qry, turns.gather(1, y_qry))
+        batch = (x_spt.float().div_(255), y_spt, x_qry.float().div_(255), y_qry)
         return batch + (classes, spt, qry) if return_indices else batch
+
+    def _rotate(self, images, turns):
+        """images [b, m, 1, s, s] each rotated by turns [b, m] quarter turns, in one gather."""
+        flat = images.view(*turns.shape, -1)
+        return flat.gather(-1, self.rotated_positions[turns]).view(images.shape)

@@ -21,7 +21,7 @@ from torchvision import transforms
 
 import MiniImagenet as mi
 from conftest import shared_miniimagenet, unpacked_split
-from MiniImagenet import MiniImagenet, MiniImagenetCache
+from MiniImagenet import MiniImagenet, MiniImagenetCache, check_splits
 
 MEAN = torch.tensor(mi.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(mi.IMAGENET_STD).view(3, 1, 1)
@@ -212,6 +212,41 @@ def test_cache_is_rebuilt_when_the_csv_changes(root, monkeypatch):
     check_tasks(*batch, 7, 1, 2, classes=classes)
 
 
+def third_task_from_cache(root):
+    return [part[2] for part in MiniImagenetCache(str(root), 'train', seed=4, pixel_norm='unit').sample(3, 5, 2, 3)]
+
+
+def third_task_from_dataset(root):
+    return MiniImagenet(str(root), 'train', 3, 5, 2, 3, seed=4, pixel_norm='unit')[2]
+
+
+@pytest.mark.parametrize('third_task', [third_task_from_cache, third_task_from_dataset], ids=['cache', 'dataset'])
+def test_unit_pixels_are_only_divided_by_255(third_task, root):
+    unit = third_task(root)
+    imagenet = MiniImagenetCache(str(root), 'train', seed=4).sample(3, 5, 2, 3)
+    for ours, normalised in ((unit[0], imagenet[0][2]), (unit[2], imagenet[2][2])):
+        assert 0 <= ours.min() and ours.max() <= 1
+        torch.testing.assert_close(ours * 255, (ours * 255).round(), rtol=0, atol=1e-4)   # a uint8 / 255
+        torch.testing.assert_close(ours, normalised * STD + MEAN, rtol=0, atol=1e-6)
+    assert torch.equal(unit[1], imagenet[1][2]) and torch.equal(unit[3], imagenet[3][2])
+    with pytest.raises(ValueError, match="pixel_norm='none' is not one of 'imagenet', 'unit'"):
+        MiniImagenetCache(str(root), 'train', pixel_norm='none')
+
+
+def test_check_splits_checks_every_split_before_decoding_anything(root, monkeypatch):
+    write_split(root, 'val', counts=(25,) * 5 + (10,))
+    calls = counting_decoder(monkeypatch)
+    check_splits(str(root), {'train': (5, 1, 15), 'val': (5, 1, 9)})
+    with pytest.raises(FileNotFoundError, match=r"has no test\.csv"):
+        check_splits(str(root), {'train': (5, 1, 15), 'val': (5, 1, 9), 'test': (5, 1, 1)})
+    with pytest.raises(ValueError, match=rf"class {wnid(5)} of val\.csv has 10 images, fewer than k_shot \+ k_query = 16"):
+        check_splits(str(root), {'train': (5, 1, 15), 'val': (5, 1, 15)})
+    os.remove(root / 'images' / f'{wnid(1)}{3:08d}.jpg')
+    with pytest.raises(FileNotFoundError, match=r"1 of the images listed in .*val\.csv are missing"):
+        check_splits(str(root), {'val': (5, 1, 1)})
+    assert not calls and not (root / 'cache').exists()
+
+
 # clear errors, for both paths
 
 def make_dataset(root, n_way=5, k_shot=1, k_query=2):
@@ -243,7 +278,7 @@ def test_missing_root_csv_or_images_folder_say_how_to_get_the_data(make, root):
 def test_a_csv_with_the_wrong_header_is_rejected(make, root):
     text = (root / 'train.csv').read_text()
     (root / 'train.csv').write_text(text.replace('filename,label', 'image,class', 1))
-    with pytest.raises(ValueError, match=r"not the header 'filename,label'"):
+    with pytest.raises(RuntimeError, match=r"not the header 'filename,label'"):   # a damaged file
         make(root)
 
 
@@ -343,7 +378,7 @@ def test_real_val_split_builds_reloads_and_samples_its_own_classes(val_subset, m
         lambda path: Image.open(path).convert('RGB'), transforms.Resize((resize, resize)),
         transforms.ToTensor(), transforms.Normalize(mi.IMAGENET_MEAN, mi.IMAGENET_STD)])
     for resize in (84, 60):
-        scale, shift = mi.imagenet_normalizer('cpu')
+        scale, shift = mi.normalizer('imagenet', 'cpu')
         for path in db.filenames[:3]:
             ours = mi.normalize(torch.from_numpy(mi.load_image(path, resize)), scale, shift)
             torch.testing.assert_close(ours, seed_transform(resize)(path), rtol=0, atol=1e-5)

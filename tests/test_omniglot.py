@@ -1,4 +1,6 @@
-"""OmniglotNShot on the real data: the episode contract, the class split, the cache and the download."""
+"""OmniglotNShot on the real data: the episode contract, the preprocessing, the rotations, the class
+splits (the paper's and Lake et al.'s), the cache and the download; and the group task drawing."""
+import collections
 import functools
 import hashlib
 import http.server
@@ -8,11 +10,14 @@ import socket
 import threading
 import zipfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import omniglotNShot
 from conftest import shared_data
+from episodes import draw_group_tasks, group_table
 from omniglotNShot import DRAWINGS, OmniglotNShot, fetch_archives
 
 
@@ -61,11 +66,119 @@ def test_validation_characters_come_out_of_the_training_split(db, omniglot_root)
         OmniglotNShot(omniglot_root, batchsz=2, n_way=5, k_shot=1, k_query=1, val_classes=1199)
 
 
-def test_rotation_adds_three_rotated_copies_of_each_training_class(omniglot_root):
-    rotated = OmniglotNShot(omniglot_root, batchsz=2, n_way=5, k_shot=1, k_query=1, rotate=True)
+@pytest.mark.parametrize('rotate', [True, 'classes'])
+def test_rotation_adds_three_rotated_copies_of_each_training_class(omniglot_root, rotate):
+    rotated = OmniglotNShot(omniglot_root, batchsz=2, n_way=5, k_shot=1, k_query=1, rotate=rotate)
     train = rotated.data['train'].view(4800, DRAWINGS, 28, 28)
     assert torch.equal(train[1200:2400], train[:1200].rot90(1, dims=(-2, -1)))
     assert rotated.data['test'].shape == (423 * DRAWINGS, 1, 28, 28)
+
+
+@pytest.mark.parametrize('mode', ['train', 'test'])
+def test_per_task_rotation_turns_each_class_of_a_task_as_one(omniglot_root, mode):
+    db = OmniglotNShot(omniglot_root, batchsz=40, n_way=5, k_shot=2, k_query=3, rotate='per_task')
+    assert db.data['train'].shape == (1200 * DRAWINGS, 1, 28, 28), 'no extra classes'
+    x_spt, y_spt, x_qry, y_qry, classes, spt, qry = db.next(mode, return_indices=True)
+    images, labels, positions = (torch.cat(pair, 1) for pair in ((x_spt, x_qry), (y_spt, y_qry), (spt, qry)))
+    originals = db.data[mode][positions].float() / 255
+    # fits[k, b, i]: image i of task b is its original turned k quarter turns
+    fits = torch.stack([(images == originals.rot90(k, dims=(-2, -1))).flatten(2).all(-1) for k in range(4)])
+    seen = set()
+    for b in range(40):
+        assert len(set(classes[b].tolist())) == 5, 'a character appears at most once per task'
+        for label in range(5):
+            turns = fits[:, b, labels[b] == label].all(-1).nonzero().flatten().tolist()
+            assert turns, 'all images of a class share one rotation, in support and query alike'
+            seen.update(turns if len(turns) == 1 else ())
+    assert seen == {0, 1, 2, 3}
+
+
+def test_query_count_can_change_per_call(db):
+    x_spt, y_spt, x_qry, y_qry, classes, spt, qry = db.next('test', k_query=1, return_indices=True)
+    assert x_spt.shape == (6, 10, 1, 28, 28) and x_qry.shape == (6, 5, 1, 28, 28) and y_qry.shape == (6, 5)
+    for b in range(6):
+        assert sorted(y_qry[b].tolist()) == list(range(5))
+        assert torch.equal(qry[b] // DRAWINGS, classes[b, y_qry[b]])
+    assert db.next('train', k_query=18)[2].shape == (6, 90, 1, 28, 28)
+    assert db.next('train')[2].shape == (6, 15, 1, 28, 28), "the constructor's count stays the default"
+    with pytest.raises(ValueError, match='k_spt=2 and k_qry=19 cannot both be drawn'):
+        db.next('test', k_query=19)
+
+
+@pytest.fixture(scope='module')
+def lake(omniglot_root):
+    return OmniglotNShot(omniglot_root, batchsz=300, n_way=20, k_shot=1, k_query=1, split='lake',
+                         val_alphabets=5, within_alphabet=('val', 'test'))
+
+
+def test_lake_split_trains_on_background_alphabets_and_tests_on_evaluation_ones(lake, omniglot_root):
+    background, evaluation = (set(os.listdir(os.path.join(omniglot_root, part)))
+                              for part in ('images_background', 'images_evaluation'))
+    alphabets = {mode: {lake.alphabets[c] for c in ids.tolist()} for mode, ids in lake.class_ids.items()}
+    assert alphabets['test'] == evaluation and len(lake.class_ids['test']) == 659
+    assert alphabets['train'] | alphabets['val'] == background and not alphabets['train'] & alphabets['val']
+    assert len(alphabets['val']) == 5 and len(lake.class_ids['train']) + len(lake.class_ids['val']) == 964
+    names = {mode: {lake.classes[c] for c in ids.tolist()} for mode, ids in lake.class_ids.items()}
+    assert not names['test'] & (names['train'] | names['val']), 'no background character in test'
+
+
+@pytest.mark.parametrize('mode', ['val', 'test'])
+def test_lake_tasks_take_all_their_classes_from_one_alphabet(lake, mode):
+    x_spt, y_spt, x_qry, y_qry, classes, spt, qry = lake.next(mode, return_indices=True)
+    assert x_spt.shape == (300, 20, 1, 28, 28) and x_qry.shape == (300, 20, 1, 28, 28)
+    task_alphabets = []
+    for b in range(300):
+        assert len(set(classes[b].tolist())) == 20
+        assert torch.equal(spt[b] // DRAWINGS, classes[b, y_spt[b]])
+        alphabet = {lake.alphabets[lake.class_ids[mode][c]] for c in classes[b].tolist()}
+        assert len(alphabet) == 1
+        task_alphabets += alphabet
+    assert len(set(task_alphabets)) == (5 if mode == 'val' else 20), 'every alphabet of >= 20 characters is drawn'
+    train_ids = lake.class_ids['train'].tolist()
+    mixed = [len({lake.alphabets[train_ids[c]] for c in task}) > 1 for task in lake.next('train', return_indices=True)[4].tolist()]
+    assert all(mixed), 'training tasks mix alphabets unless asked otherwise'
+
+
+def test_alphabets_smaller_than_n_way_are_never_drawn(omniglot_root):
+    db = OmniglotNShot(omniglot_root, batchsz=200, n_way=30, k_shot=1, k_query=1, split='lake',
+                       within_alphabet=('train', 'test'))
+    for mode in ('train', 'test'):
+        ids = db.class_ids[mode].tolist()
+        sizes = collections.Counter(db.alphabets[c] for c in ids)
+        drawn = {db.alphabets[ids[c]] for c in db.next(mode, return_indices=True)[4][:, 0].tolist()}
+        assert drawn == {alphabet for alphabet, n in sizes.items() if n >= 30}
+    with pytest.raises(ValueError, match='no Omniglot test alphabet has 50 characters'):
+        OmniglotNShot(omniglot_root, batchsz=2, n_way=50, k_shot=1, k_query=1, split='lake', within_alphabet=('test',))
+
+
+def test_bad_options_are_clear_errors(omniglot_root):
+    make = functools.partial(OmniglotNShot, omniglot_root, batchsz=2, n_way=5, k_shot=1, k_query=1)
+    with pytest.raises(ValueError, match="rotate='sometimes' is not one of None, 'classes', 'per_task'"):
+        make(rotate='sometimes')
+    with pytest.raises(ValueError, match="preprocess='colour' is not one of 'official', 'greyscale'"):
+        make(preprocess='colour')
+    with pytest.raises(ValueError, match="split='lake' holds out whole background alphabets .* use val_alphabets"):
+        make(split='lake', val_classes=100)
+    with pytest.raises(ValueError, match="with the random split use val_classes"):
+        make(val_alphabets=3)
+    with pytest.raises(ValueError, match="val_alphabets=30 must lie between 0 and 29"):
+        make(split='lake', val_alphabets=30)
+    with pytest.raises(ValueError, match="within_alphabet names split 'val', which this loader does not have"):
+        make(split='lake', within_alphabet=('val',))
+
+
+def test_group_tasks_draw_distinct_classes_of_one_large_enough_group():
+    group_of_class = ['a'] * 3 + ['b'] * 5 + ['c'] * 2 + ['d'] * 8
+    members, sizes = group_table(group_of_class, 'cpu')
+    assert sizes.tolist() == [3, 5, 2, 8]
+    index_table, counts = torch.arange(18 * 4).view(18, 4), torch.full((18,), 4)
+    classes, support, support_y, query, query_y = draw_group_tasks(
+        index_table, counts, 500, 4, 1, 2, torch.Generator().manual_seed(0), members, sizes)
+    groups = {frozenset(group_of_class[c] for c in task) for task in classes.tolist()}
+    assert groups == {frozenset('b'), frozenset('d')}
+    assert all(len(set(task)) == 4 for task in classes.tolist())
+    assert torch.equal(support // 4, classes.gather(1, support_y))
+    assert torch.equal(query // 4, classes.gather(1, query_y))
 
 
 def test_sampling_is_reproducible_after_reset(db):
@@ -82,18 +195,60 @@ def test_impossible_requests_are_clear_errors(omniglot_root):
         OmniglotNShot(omniglot_root, batchsz=2, n_way=500, k_shot=1, k_query=1)
 
 
-def test_cache_is_reused_and_each_size_has_its_own(omniglot_root, tmp_path, monkeypatch):
+def drawings(root, name, imgsz, preprocess):
+    """The 20 drawings of character `name`, decoded here independently of the loader, as uint8."""
+    part = next(p for p in ('images_background', 'images_evaluation') if os.path.isdir(os.path.join(root, p, name)))
+    folder = os.path.join(root, part, name)
+    images = []
+    for png in sorted(os.listdir(folder)):
+        with Image.open(os.path.join(folder, png)) as img:
+            if preprocess == 'official':
+                # 1-bit PIL resizing is nearest neighbour: pixel i takes source pixel (i + 1/2) * 105 / s
+                nearest = ((np.arange(imgsz) + 0.5) * img.size[0] / imgsz).astype(int)
+                background = np.asarray(img)[np.ix_(nearest, nearest)]
+                images.append(np.where(background, 0, 255).astype(np.uint8))
+            else:
+                images.append(np.asarray(img.convert('L').resize((imgsz, imgsz), Image.LANCZOS)))
+    return torch.from_numpy(np.stack(images))
+
+
+def test_official_preprocessing_is_binary_with_ink_one(db, omniglot_root):
+    store = db.data['train'].view(-1, DRAWINGS, 28, 28)
+    assert set(store.unique().tolist()) == {0, 255}
+    assert 0.8 < (store == 0).float().mean() < 0.97, 'mostly background, which is 0'
+    for i in (0, 1, 600):
+        name = db.classes[db.class_ids['train'][i]]
+        assert torch.equal(store[i], drawings(omniglot_root, name, 28, 'official'))
+
+
+def test_cache_is_reused_and_each_size_and_preprocessing_has_its_own(db, omniglot_root, tmp_path, monkeypatch):
     root = tmp_path / 'root'
     shutil.copytree(omniglot_root, root)
-    OmniglotNShot(str(root), batchsz=2, n_way=5, k_shot=1, k_query=1, imgsz=14)
-    assert (root / 'omniglot_14.pt').stat().st_size < 1623 * DRAWINGS * 14 * 14 + 200_000
+    grey = OmniglotNShot(str(root), batchsz=2, n_way=5, k_shot=1, k_query=1, imgsz=14, preprocess='greyscale')
+    assert (root / 'omniglot_14_greyscale.pt').stat().st_size < 1623 * DRAWINGS * 14 * 14 + 200_000
+    store = grey.data['test'].view(-1, DRAWINGS, 14, 14)
+    assert torch.equal(store[5], drawings(str(root), grey.classes[grey.class_ids['test'][5]], 14, 'greyscale'))
+    assert (store == 255).float().mean() > 0.5 and len(store.unique()) > 100, 'white background, antialiased'
     for name in ('images_background', 'images_evaluation'):
         shutil.rmtree(root / name)
         os.remove(root / f'{name}.zip')
     monkeypatch.setattr(omniglotNShot, '_read_png', None)   # a reload must not decode anything
-    small = OmniglotNShot(str(root), batchsz=2, n_way=5, k_shot=1, k_query=1, imgsz=14)
+    small = OmniglotNShot(str(root), batchsz=2, n_way=5, k_shot=1, k_query=1, imgsz=14, preprocess='greyscale')
     assert small.data['train'].dtype == torch.uint8 and small.data['train'].shape == (1200 * DRAWINGS, 1, 14, 14)
-    assert sorted(os.listdir(root)) == ['omniglot_14.pt', 'omniglot_28.pt']
+    assert torch.equal(small.data['test'], grey.data['test'])
+    assert sorted(os.listdir(root)) == ['omniglot_14_greyscale.pt', 'omniglot_28_official.pt']
+
+
+def test_a_killed_extractions_scratch_folder_is_removed_by_the_next_run(omniglot_root, tmp_path):
+    root = tmp_path / 'root'
+    shutil.copytree(omniglot_root, root)
+    dead, legacy, alive = (root / n for n in ('.extracting-999999999-images_background', '.extracting-x1b2',
+                                              f'.extracting-{os.getpid()}-images_evaluation'))
+    for scratch in (dead, legacy, alive):
+        (scratch / 'images_background').mkdir(parents=True)
+    OmniglotNShot(str(root), batchsz=2, n_way=5, k_shot=1, k_query=1)
+    assert not dead.exists() and not legacy.exists()
+    assert alive.exists(), "a running extraction's folder is left alone"
 
 
 def test_seed_style_processed_extraction_is_used_without_network(omniglot_root, tmp_path):
