@@ -41,7 +41,7 @@ def task_sampler(settings, device, split):
         db.reset(split, settings.seed)
         return lambda: db.next(split, k_query=k_qry)
     cache = MiniImagenetCache(settings.data, split, resize=settings.imgsz, device=device,
-                              normalize=settings.normalize)
+                              pixel_norm=settings.pixel_norm)
     cache.reset(settings.seed)
     return lambda: cache.sample(EVAL_BATCH, n_way, k_spt, k_qry)
 

@@ -44,16 +44,17 @@ def evaluation_tasks(split, n_tasks, n_way, k_shot, k_query, maml, seed=EVAL_SEE
 
 def main():
     parser = make_parser(__doc__.strip().splitlines()[0], 'miniimagenet', DATA_ROOT)
-    parser.add_argument('--normalize', choices=['imagenet', 'none'],
-                        help="pixel normalisation: 'imagenet' mean/std (the seed) or 'none', x / 255 only "
+    parser.add_argument('--pixel_norm', choices=['imagenet', 'unit'],
+                        help="pixel normalisation: 'imagenet' mean/std (the seed) or 'unit', x / 255 only "
                              "(the official code)")
     args = parse_args(parser, 'miniimagenet')
     device = setup_device(args)
 
     k_eval = args.k_qry_test or args.k_qry
-    check_splits(args.data, {'train': args.k_qry, 'val': k_eval, 'test': k_eval}, args.n_way, args.k_spt)
+    check_splits(args.data, {'train': (args.n_way, args.k_spt, args.k_qry), 'val': (args.n_way, args.k_spt, k_eval),
+                             'test': (args.n_way, args.k_spt, k_eval)})
     splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device, seed=args.seed,
-                                      normalize=args.normalize) for mode in ('train', 'val', 'test')}
+                                      pixel_norm=args.pixel_norm) for mode in ('train', 'val', 'test')}
     maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=3).to(device)
     print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
 

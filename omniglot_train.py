@@ -37,9 +37,10 @@ def network(n_way, imgsz, filters=64):
 
 def make_loader(args, device, batchsz=None):
     return OmniglotNShot(args.data, batchsz=batchsz or args.task_num, n_way=args.n_way, k_shot=args.k_spt,
-                         k_query=args.k_qry, imgsz=args.imgsz, device=device, rotate=args.rotate,
+                         k_query=args.k_qry, imgsz=args.imgsz, device=device, rotate=None if args.rotate == 'none' else args.rotate,
                          seed=args.seed, val_classes=args.val_classes, preprocess=args.preprocess,
-                         split=args.split)
+                         split=args.split, val_alphabets=args.val_alphabets,
+                         within_alphabet=('val', 'test') if args.split == 'lake' else ())
 
 
 def evaluation_tasks(db, mode, n_tasks, k_query, maml, seed=EVAL_SEED):
@@ -62,7 +63,10 @@ def main():
                              "'greyscale': antialiased, background 1 (the seed)")
     parser.add_argument('--split', choices=['random', 'lake'],
                         help="'random': 1200 / 423 characters as in the paper; 'lake': train on the 30 "
-                             "background alphabets, test within one of the 20 evaluation alphabets")
+                             "background alphabets, test (and validate) with tasks drawn within one alphabet "
+                             "of the 20 evaluation (held-out background) alphabets")
+    parser.add_argument('--val_alphabets', type=int,
+                        help="with --split lake: whole background alphabets held out to rank checkpoints")
     args = parse_args(parser, 'omniglot')
     device = setup_device(args)
 

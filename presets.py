@@ -17,18 +17,18 @@ on 100 held-out training characters (Omniglot) or on the validation classes (min
 OMNIGLOT = dict(epoch=40000, n_way=5, k_spt=1, k_qry=15, k_qry_test=None, imgsz=28, task_num=32,
                 meta_lr=1e-3, update_lr=0.4, update_step=5, update_step_test=10, num_filters=64,
                 log_every=100, eval_every=500, eval_tasks=600, val_classes=100, rotate='none',
-                preprocess='official', split='random')
+                preprocess='official', split='random', val_alphabets=0)
 
 MINIIMAGENET = dict(epoch=60000, n_way=5, k_spt=1, k_qry=15, k_qry_test=None, imgsz=84, task_num=4,
                     meta_lr=1e-3, update_lr=0.01, update_step=5, update_step_test=10, num_filters=32,
-                    log_every=30, eval_every=500, eval_tasks=600, normalize='imagenet')
+                    log_every=30, eval_every=500, eval_tasks=600, pixel_norm='imagenet')
 
 _OMNIGLOT_5WAY = dict(epoch=60000, n_way=5, task_num=32, meta_lr=1e-3, update_lr=2.0, update_step=1,
                       update_step_test=3, num_filters=64, imgsz=28, rotate='per_task', val_classes=100,
-                      preprocess='official', split='random')
+                      preprocess='official', split='random', val_alphabets=0)
 _OMNIGLOT_20WAY = dict(_OMNIGLOT_5WAY, n_way=20, task_num=16, update_lr=2.0, update_step=5, update_step_test=5)
 _MINI = dict(epoch=60000, n_way=5, k_qry=15, meta_lr=1e-3, update_lr=0.05, update_step=5,
-             update_step_test=10, num_filters=32, imgsz=84, normalize='none')
+             update_step_test=10, num_filters=32, imgsz=84, pixel_norm='unit')
 
 PRESETS = {
     'omniglot': {
@@ -38,7 +38,8 @@ PRESETS = {
         'paper-20w5s': dict(_OMNIGLOT_20WAY, k_spt=5, k_qry=5, k_qry_test=5),
         # Lake et al. 2015: train on the 30 background alphabets, test 20-way 1-shot within one of
         # the 20 evaluation alphabets (the paper's 20-way 1-shot recipe otherwise)
-        'lake-20w1s': dict(_OMNIGLOT_20WAY, k_spt=1, k_qry=1, k_qry_test=1, split='lake', val_classes=0),
+        'lake-20w1s': dict(_OMNIGLOT_20WAY, k_spt=1, k_qry=1, k_qry_test=1, split='lake', val_classes=0,
+                           val_alphabets=5),
     },
     'miniimagenet': {
         'paper-5w1s': dict(_MINI, task_num=4, k_spt=1, k_qry_test=1),

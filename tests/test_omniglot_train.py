@@ -1,70 +1,150 @@
-"""omniglot_train.py end to end on the real Omniglot: it learns, its files load, bad flags are one line."""
+"""omniglot_train.py and evaluate.py end to end on the real Omniglot: training learns, selection
+stays off the test characters, a checkpoint evaluates to what training reported, bad input is one line."""
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
 from meta import Meta
-from omniglotNShot import OmniglotNShot
-from trainer import evaluate, mean_ci
 
 # A small but honest configuration that learns in about a minute on 2 CPU cores: the paper's
 # second-order MAML with a narrower net, one inner step and a larger meta learning rate.
 QUICK = ['--epoch', '300', '--num_filters', '32', '--task_num', '8', '--update_step', '1',
          '--update_step_test', '3', '--meta_lr', '3e-3', '--log_every', '50', '--eval_every', '150',
-         '--eval_tasks', '200', '--device', 'cpu']
+         '--eval_tasks', '200', '--test_tasks', '200', '--device', 'cpu']
+
+
+def script(name, *flags, timeout=900):
+    return subprocess.run([sys.executable, os.path.join(REPO, name), *flags], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def train(*flags):
-    return subprocess.run([sys.executable, os.path.join(REPO, 'omniglot_train.py'), *flags],
-                          capture_output=True, text=True, timeout=900)
+    return script('omniglot_train.py', *flags)
 
 
-def test_training_on_real_omniglot_learns_and_saves_loadable_checkpoints(omniglot_root, tmp_path):
+def metrics(save_dir):
+    with open(os.path.join(save_dir, 'metrics.csv')) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_training_learns_selects_on_validation_and_evaluate_py_reproduces_its_report(omniglot_root, tmp_path):
     save_dir = str(tmp_path / 'ckpt')
     run = train('--data', omniglot_root, '--save_dir', save_dir, *QUICK)
     assert run.returncode == 0, run.stderr
-    assert 'parameters:' in run.stdout and 'ms/step' in run.stdout and 'img/s' in run.stdout
-    with open(os.path.join(save_dir, 'metrics.csv')) as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r['step']) for r in rows] == [150, 300]
-    final = float(rows[-1]['test_acc'])
-    assert final >= 0.70, f'5-way 1-shot test accuracy {final:.3f} after 300 steps; chance is 0.20'
-    print(f"\nOmniglot quick run: test acc {final:.4f} +- {float(rows[-1]['test_ci']):.4f} over 200 tasks")
-    assert 0 < float(rows[-1]['test_ci']) < 0.03
+    rows = metrics(save_dir)
+    assert [int(r['step']) for r in rows] == [150, 300] and 'val_acc' in rows[0]
+    final = float(rows[-1]['val_acc'])
+    print(f"\nOmniglot quick run: val acc {final:.4f} +- {float(rows[-1]['val_ci']):.4f} over 200 tasks")
+    assert final >= 0.70, f'5-way 1-shot accuracy {final:.3f} after 300 steps; chance is 0.20'
+    assert run.stdout.count('test acc') == 1, 'the test characters are used once, for the selected model'
+    best = torch.load(os.path.join(save_dir, 'best.pth'), weights_only=True)
+    assert best['acc'] == max(float(r['val_acc']) for r in rows) and best['hparams']['first_order'] is False
+    assert best['test_acc'] >= 0.65 and best['test_by_step'][0] < 0.3, 'adaptation, not the initialisation, works'
+    assert os.path.getsize(os.path.join(save_dir, 'learning_curve.png')) > 0
 
-    best = Meta.from_checkpoint(os.path.join(save_dir, 'best.pth'))
-    saved = torch.load(os.path.join(save_dir, 'best.pth'), weights_only=True)
-    assert saved['acc'] == max(float(r['test_acc']) for r in rows) and saved['hparams']['first_order'] is False
-    db = OmniglotNShot(omniglot_root, batchsz=50, n_way=5, k_shot=1, k_query=15, seed=99)
-    mean, _ = mean_ci(evaluate(best, lambda: db.next('test'), 200))
-    assert mean[0] < 0.3 and mean[-1] >= 0.65, 'adaptation, not the initialisation, must do the work'
-    assert sorted(f for f in os.listdir(save_dir) if f.endswith('.pth'))[:2] == ['best.pth', 'last.pth']
+    result = tmp_path / 'result.json'
+    evaluated = script('evaluate.py', os.path.join(save_dir, 'best.pth'), '--data', omniglot_root,
+                       '--tasks', '200', '--json', str(result), '--device', 'cpu')
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(result.read_text())
+    assert report['acc_by_step'][-1] == pytest.approx(best['test_acc'], abs=1e-9), \
+        'evaluate.py rebuilds the model and the test tasks of the final report from the checkpoint alone'
+    assert len(report['acc_by_step']) == 4 and report['ci_by_step'][-1] > 0
 
-    resumed = train('--data', omniglot_root, '--save_dir', save_dir, *QUICK[2:], '--epoch', '310',
-                    '--eval_every', '10', '--resume', os.path.join(save_dir, 'last.pth'))
+    more_steps = script('evaluate.py', os.path.join(save_dir, 'best.pth'), '--data', omniglot_root, '--tasks', '50',
+                        '--update_step_test', '5', '--k_spt', '2', '--n_way', '4', '--json', str(result))
+    assert more_steps.returncode == 0, more_steps.stderr
+    report = json.loads(result.read_text())
+    assert (report['n_way'], report['k_spt'], len(report['acc_by_step'])) == (4, 2, 6)
+    ensemble = script('evaluate.py', os.path.join(save_dir, 'best.pth'), '--data', omniglot_root, '--tasks', '50',
+                      '--ensemble', '2', '--json', str(result))
+    assert ensemble.returncode == 0, ensemble.stderr
+    assert 0.5 < json.loads(result.read_text())['acc_by_step'][-1] <= 1
+
+    resumed = train('--data', omniglot_root, '--save_dir', save_dir, '--epoch', '310', '--eval_every', '10',
+                    '--device', 'cpu', '--resume', os.path.join(save_dir, 'last.pth'))
     assert resumed.returncode == 0, resumed.stderr
-    assert 'resumed from' in resumed.stdout and 'step    310' in resumed.stdout
+    assert 'resumed from' in resumed.stdout and [int(r['step']) for r in metrics(save_dir)] == [150, 300, 310]
 
 
-def test_validation_characters_rank_checkpoints_and_test_is_reported_once(omniglot_root, tmp_path):
-    run = train('--data', omniglot_root, '--save_dir', str(tmp_path), *QUICK, '--epoch', '20',
-                '--eval_every', '10', '--eval_tasks', '20', '--test_tasks', '40', '--val_classes', '100')
+@pytest.mark.slow
+def test_a_short_paper_preset_run_learns(omniglot_root, tmp_path):
+    """The official 5-way 1-shot protocol (1 + 1 images per class, one inner step at update_lr 2.0,
+    binary inverted images, a rotation per class and task), narrowed to fit a test."""
+    run = train('--preset', 'paper-5w1s', '--data', omniglot_root, '--save_dir', str(tmp_path), '--epoch', '200',
+                '--task_num', '8', '--num_filters', '32', '--log_every', '50', '--eval_every', '200',
+                '--eval_tasks', '300', '--test_tasks', '300', '--device', 'cpu')
     assert run.returncode == 0, run.stderr
-    assert 'val acc' in run.stdout and run.stdout.count('test acc') == 1
-    best = torch.load(os.path.join(str(tmp_path), 'best.pth'), weights_only=True)
-    assert best['split'] == 'val' and 0 <= best['test_acc'] <= 1 and best['test_ci'] > 0
-    assert run.stdout.strip().splitlines()[-1].startswith(f"test acc of best.pth (step {best['step']}, val acc")
+    best = torch.load(tmp_path / 'best.pth', weights_only=True)
+    print(f"\npaper-5w1s preset, 200 steps: test acc {best['test_acc']:.4f} +- {best['test_ci']:.4f}")
+    assert best['args']['k_qry'] == 1 and best['args']['rotate'] == 'per_task'
+    assert best['test_acc'] - best['test_ci'] > 0.4, 'well above 5-way chance after 200 steps'
 
 
-def test_impossible_flags_end_in_one_clear_line(omniglot_root, tmp_path):
-    run = train('--data', omniglot_root, '--save_dir', str(tmp_path), '--k_spt', '10', '--k_qry', '15')
+def test_ranking_on_test_characters_is_said_plainly(omniglot_root, tmp_path):
+    run = train('--data', omniglot_root, '--save_dir', str(tmp_path), *QUICK, '--epoch', '4', '--eval_every', '2',
+                '--eval_tasks', '16', '--val_classes', '0')
+    assert run.returncode == 0, run.stderr
+    assert 'ranked on the TEST characters' in run.stdout and 'test acc of best.pth' not in run.stdout
+    assert 'test_acc' in metrics(str(tmp_path))[0]
+
+
+def test_lake_benchmark_trains_on_background_alphabets_and_tests_within_one_alphabet(omniglot_root, tmp_path):
+    run = train('--preset', 'lake-20w1s', '--data', omniglot_root, '--save_dir', str(tmp_path), '--epoch', '2',
+                '--task_num', '2', '--num_filters', '8', '--update_step', '1', '--update_step_test', '1',
+                '--eval_every', '2', '--eval_tasks', '8', '--test_tasks', '8', '--device', 'cpu')
+    assert run.returncode == 0, run.stderr
+    best = torch.load(tmp_path / 'best.pth', weights_only=True)
+    assert best['args']['split'] == 'lake' and best['split'] == 'val' and 0 <= best['test_acc'] <= 1
+    assert Meta.from_state(best).net.config[-1] == ('linear', [20, 8 * 2 * 2])
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(omniglot_root, tmp_path):
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'omniglot_train.py'), '--data', omniglot_root,
+                             '--save_dir', str(tmp_path), *QUICK, '--epoch', '100000', '--eval_every', '2',
+                             '--eval_tasks', '8'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    evaluations = 0
+    for line in proc.stdout:
+        evaluations += 'val acc' in line
+        if evaluations == 2:   # the first evaluation's files are written by now
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith('error: interrupted at step ')
+    assert f"resume with --resume {tmp_path / 'last.pth'}" in err
+    assert torch.load(tmp_path / 'last.pth', weights_only=True)['step'] >= 2
+
+
+@pytest.mark.parametrize('flags, problem', [
+    (['--k_spt', '10', '--k_qry', '15'], 'Omniglot has 20 drawings per character, so k_spt=10 and k_qry=15 cannot '
+                                         'both be drawn; use k_spt, k_qry >= 1 with k_spt + k_qry <= 20.'),
+    (['--update_step', '0'], '--update_step is 0 but must be at least 1.'),
+    (['--imgsz', '3'], '--imgsz 3 is too small'),
+    (['--update_lr', '-0.4'], '--update_lr is -0.4 but must be positive.'),
+])
+def test_impossible_flags_end_in_one_clear_line(omniglot_root, tmp_path, flags, problem):
+    run = train('--data', omniglot_root, '--save_dir', str(tmp_path), '--device', 'cpu', *flags)
+    assert run.returncode == 1
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'error: {problem}')
+
+
+def test_evaluate_py_refuses_what_a_checkpoint_cannot_serve(omniglot_root, tmp_path):
+    train('--data', omniglot_root, '--save_dir', str(tmp_path), *QUICK, '--epoch', '2', '--eval_every', '2',
+          '--eval_tasks', '8', '--test_tasks', '8')
+    run = script('evaluate.py', str(tmp_path / 'best.pth'), '--data', omniglot_root, '--n_way', '20')
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
-        'error: Omniglot has 20 drawings per character, so k_spt=10 and k_qry=15 cannot both be drawn; '
-        'use k_spt, k_qry >= 1 with k_spt + k_qry <= 20.']
-    run = train('--data', omniglot_root, '--save_dir', str(tmp_path), '--update_step', '0')
-    assert run.returncode == 1 and 'must be at least 1' in run.stderr and 'Traceback' not in run.stderr
+        f"error: {tmp_path / 'best.pth'} ends in a head of 5 outputs, so it cannot serve 20-way tasks; "
+        f"pass --n_way 5 or fewer."]
+    run = script('evaluate.py', str(tmp_path / 'best.pth'), '--data', omniglot_root, '--ensemble', '4')
+    assert run.returncode == 1 and 'needs 4 ranked checkpoints' in run.stderr and 'Traceback' not in run.stderr

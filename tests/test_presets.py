@@ -41,7 +41,7 @@ def test_paper_presets_are_the_official_commands(dataset, preset):
     else:
         assert ours['k_qry'] == 15, 'mini-ImageNet trains with 15 query images per class'
         assert ours['update_step_test'] == 10 and ours['num_filters'] == official['num_filters']
-        assert ours['normalize'] == 'none', 'the official code only divides by 255'
+        assert ours['pixel_norm'] == 'unit', 'the official code only divides by 255'
 
 
 @pytest.mark.parametrize('dataset', ['omniglot', 'miniimagenet'])
