@@ -6,18 +6,26 @@ Speed of one MAML meta-step: the seed's per-task loop against this project's vec
     python bench.py --device cuda --impls reference meta meta+graphs --csv bench_results.csv
     python bench.py --loaders         # also: episodes/s of the seed-style DataLoader vs the cache
 
-Workloads (the seeds' defaults otherwise): Omniglot 5-way 1-shot task_num 32 and MiniImagenet
-5-way 1-shot task_num 4, each second- (so) and first-order (fo). Implementations:
-    reference     the seed's algorithm: a Python loop over tasks, the query loss and accuracy
-                  after every inner step with .item() (kept here, not in the training path)
+Workloads (the seeds' defaults otherwise): Omniglot 5-way 1-shot task_num 32, the paper's Omniglot
+5-way recipe (omniglot-paper: k_qry 1, update_step 1) and MiniImagenet 5-way 1-shot task_num 4,
+each second- (so) and first-order (fo). Implementations:
+    seed          the seed's code as it runs: its own (unpadded) network with running batch-norm
+                  statistics, a Python loop over tasks, inner gradients without create_graph (so
+                  first-order in every row, a bug), the meta-loss of the last task only (another),
+                  query accuracy after every inner step with .item(); fails at update_step 1
+    reference     the seed's algorithm made exact: the same loop on this project's network, with
+                  create_graph (kept here, not in the training path)
     meta          Meta: all tasks at once with torch.func, per-step accuracies off (as on the
                   training script's non-logging steps)
+    meta+matmul   Meta with Learner(conv='matmul'): convolutions as im2col + batched matmul
     meta+amp      Meta under bf16 autocast (CUDA only)
     meta+compile  Meta with torch.compile, mode 'default'
     meta+graphs   Meta with torch.compile, mode 'reduce-overhead': CUDA graphs (CUDA only)
 A row times whole steps, episode sampling included: the median over repeats after warm-up, each
 row in a fresh process, so its peak memory (CUDA max_memory_allocated, else peak RSS) is its own,
 warm-up (and any CUDA-graph capture) included.
+'speed-up' is over the reference row, 'vs seed' over the seed row. --threads 1 gives steadier
+numbers on a CPU that other processes keep busy.
 Omniglot episodes come from OmniglotNShot (downloaded into --omniglot if missing); MiniImagenet
 episodes from MiniImagenetCache.synthetic, random pixels in the real split's shape (sampling and
 compute cost the same as on the real images, which need not be on the machine).
@@ -50,42 +58,106 @@ from omniglotNShot import OmniglotNShot
 WORKLOADS = {
     'omniglot-5w1s': dict(n_way=5, k_spt=1, k_qry=15, imgsz=28, imgc=1, task_num=32, meta_lr=1e-3,
                           update_lr=0.4, update_step=5, update_step_test=10),
+    'omniglot-paper': dict(n_way=5, k_spt=1, k_qry=1, imgsz=28, imgc=1, task_num=32, meta_lr=1e-3,
+                           update_lr=0.4, update_step=1, update_step_test=3),
     'mini-5w1s': dict(n_way=5, k_spt=1, k_qry=15, imgsz=84, imgc=3, task_num=4, meta_lr=1e-3,
                       update_lr=0.01, update_step=5, update_step_test=10),
 }
-IMPLS = ['reference', 'meta', 'meta+amp', 'meta+compile', 'meta+graphs']
+IMPLS = ['seed', 'reference', 'meta', 'meta+matmul', 'meta+amp', 'meta+compile', 'meta+graphs']
 CUDA_ONLY = {'meta+amp', 'meta+graphs'}
 
 
-def reference_step(maml, x_spt, y_spt, x_qry, y_qry):
-    """The seed's Meta.forward, with create_graph so that it computes the same (second-order, unless
-    maml.first_order) meta-gradient as Meta; returns the query accuracy after each inner step."""
-    task_num, querysz = x_spt.shape[0], x_qry.shape[1]
-    params = list(maml.net.parameters())
-    losses_q = [0.0] * (maml.update_step + 1)
-    corrects = [0] * (maml.update_step + 1)
-    for i in range(task_num):
+def per_task_meta_loss(forward, params, tasks, update_lr, update_step, create_graph, track_steps=False,
+                       last_task_only=False):
+    """Algorithm 2 as a Python loop over tasks with autograd.grad inner steps, `forward(x, params)`
+    being the network. With `track_steps`, also the query accuracy before and after every inner
+    step, read with .item() as the seed does. `last_task_only` reproduces the seed's meta-loss,
+    which keeps the last task's query loss alone (divided by task_num). Returns (meta-loss,
+    accuracies per step or None)."""
+    corrects = np.zeros(update_step + 1)
+    losses = []
+    for x_spt, y_spt, x_qry, y_qry in zip(*tasks):
         fast = params
-        with torch.no_grad():
-            corrects[0] += (maml.net(x_qry[i], fast).argmax(1) == y_qry[i]).sum().item()
-        for k in range(maml.update_step):
-            loss = F.cross_entropy(maml.net(x_spt[i], fast), y_spt[i])
-            grads = torch.autograd.grad(loss, fast, create_graph=not maml.first_order)
-            fast = [w - maml.update_lr * g for w, g in zip(fast, grads)]
-            logits_q = maml.net(x_qry[i], fast)
-            losses_q[k + 1] = losses_q[k + 1] + F.cross_entropy(logits_q, y_qry[i])
-            corrects[k + 1] += (logits_q.argmax(1) == y_qry[i]).sum().item()
-    maml.meta_optim.zero_grad(set_to_none=True)
-    (losses_q[-1] / task_num).backward()
-    maml.meta_optim.step()
-    return np.array(corrects) / (task_num * querysz)
+        if track_steps:
+            with torch.no_grad():
+                corrects[0] += (forward(x_qry, fast).argmax(1) == y_qry).sum().item()
+        for k in range(update_step):
+            grads = torch.autograd.grad(F.cross_entropy(forward(x_spt, fast), y_spt), fast, create_graph=create_graph)
+            fast = [w - update_lr * g for w, g in zip(fast, grads)]
+            if track_steps or k == update_step - 1:
+                logits = forward(x_qry, fast)
+            if track_steps:
+                corrects[k + 1] += (logits.argmax(1) == y_qry).sum().item()
+        losses.append(F.cross_entropy(logits, y_qry))
+    loss = losses[-1] / len(losses) if last_task_only else torch.stack(losses).mean()
+    return loss, corrects / tasks[3].numel() if track_steps else None
+
+
+def reference_step(maml, x_spt, y_spt, x_qry, y_qry):
+    """The seed's Meta.forward with create_graph, so that it computes the same (second-order, unless
+    maml.first_order) meta-gradient as Meta; returns the query accuracy after each inner step."""
+    loss, accs = per_task_meta_loss(maml.net, list(maml.net.parameters()), (x_spt, y_spt, x_qry, y_qry),
+                                    maml.update_lr, maml.update_step, not maml.first_order, track_steps=True)
+    maml.meta_update(loss)
+    return accs
+
+
+def seed_network(n_way):
+    """The seed's Omniglot network: 3 x [conv 3x3 stride 2 unpadded, ReLU, batch norm], conv 2x2, ReLU,
+    batch norm, linear: 28x28 shrinks to 1x1, so it costs about 60% of the FLOPs of the paper's net."""
+    config = []
+    for ch_in, k, stride in [(1, 3, 2), (64, 3, 2), (64, 3, 2), (64, 2, 1)]:
+        config += [('conv2d', [64, ch_in, k, k, stride, 0]), ('relu', [True]), ('bn', [64])]
+    return config + [('flatten', []), ('linear', [n_way, 64])]
+
+
+def seed_forward(config, like):
+    """forward(x, params) of a seed-style net for `config`: F.batch_norm updating running statistics
+    in training mode, in-place ReLU, as the seed runs it. The statistics take `like`'s dtype and device."""
+    running = {i: (like.new_zeros(p[0]), like.new_ones(p[0])) for i, (name, p) in enumerate(config) if name == 'bn'}
+
+    def forward(x, params):
+        params = iter(params)
+        for i, (name, p) in enumerate(config):
+            if name == 'conv2d':
+                x = F.conv2d(x, next(params), next(params), stride=p[4], padding=p[5])
+            elif name == 'relu':
+                x = F.relu(x, inplace=True)
+            elif name == 'bn':
+                x = F.batch_norm(x, *running[i], next(params), next(params), training=True)
+            elif name == 'flatten':
+                x = x.flatten(1)
+            else:
+                x = F.linear(x, next(params), next(params))
+        return x
+    return forward
+
+
+def seed_step(maml, forward, x_spt, y_spt, x_qry, y_qry):
+    """The seed's Meta.forward as it runs: inner gradients without create_graph (so first-order
+    whatever maml.first_order says), and the meta-loss of the last task only."""
+    if maml.update_step < 2:
+        raise RuntimeError("the seed's code fails at update_step 1: its last query loss is computed "
+                           "under no_grad, so backward() has nothing to differentiate")
+    loss, accs = per_task_meta_loss(forward, list(maml.net.parameters()), (x_spt, y_spt, x_qry, y_qry),
+                                    maml.update_lr, maml.update_step, create_graph=False, track_steps=True,
+                                    last_task_only=True)
+    maml.meta_update(loss)
+    return accs
 
 
 def build(workload, order, impl, device, omniglot_root):
     """(maml, next_batch) for one row."""
     hp = WORKLOADS[workload]
     args = argparse.Namespace(**hp, first_order=order == 'fo', amp=impl == 'meta+amp')
-    if workload.startswith('omniglot'):
+    if impl == 'seed':
+        if not workload.startswith('omniglot'):
+            raise RuntimeError("the seed's own network is timed on Omniglot only")
+        config = seed_network(hp['n_way'])
+        db = OmniglotNShot(omniglot_root, hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'], hp['imgsz'],
+                           device=device)
+        next_batch = lambda: db.next('train')
+    elif workload.startswith('omniglot'):
         config = omniglot_train.network(hp['n_way'], hp['imgsz'])
         db = OmniglotNShot(omniglot_root, hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'], hp['imgsz'],
                            device=device)
@@ -95,6 +167,8 @@ def build(workload, order, impl, device, omniglot_root):
         cache = MiniImagenetCache.synthetic(64, 600, hp['imgsz'], device)
         next_batch = lambda: cache.sample(hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'])
     maml = Meta(args, config).to(device)
+    if impl == 'meta+matmul':
+        maml.net.conv = 'matmul'
     if impl in ('meta+compile', 'meta+graphs'):
         maml.compile('default' if impl == 'meta+compile' else 'reduce-overhead')
     return maml, next_batch
@@ -113,9 +187,15 @@ def sync(device):
 def time_row(workload, order, impl, device, omniglot_root, quick):
     """One row: ms per meta-step (median), images/s and peak memory, as a dict."""
     maml, next_batch = build(workload, order, impl, device, omniglot_root)
-    step = (lambda: reference_step(maml, *next_batch())) if impl == 'reference' else lambda: meta_step(maml, next_batch)
+    if impl == 'seed':
+        forward = seed_forward(maml.net.config, next(maml.net.parameters()))
+        step = lambda: seed_step(maml, forward, *next_batch())
+    elif impl == 'reference':
+        step = lambda: reference_step(maml, *next_batch())
+    else:
+        step = lambda: meta_step(maml, next_batch)
     warmup, repeats, per_repeat = (2, 3, 2) if quick else (3, 7, 5)
-    if impl == 'reference' and device.type == 'cpu':
+    if impl in ('seed', 'reference') and device.type == 'cpu':
         warmup, per_repeat = 1, 1
     t = time.perf_counter()
     for _ in range(warmup):
@@ -226,9 +306,14 @@ def main():
     p.add_argument('--mini', default=miniimagenet_train.DATA_ROOT, help='mini-ImageNet root, for --loaders')
     p.add_argument('--loaders', action='store_true', help='also time the mini-ImageNet episode loaders')
     p.add_argument('--csv', default='bench_results.csv')
+    p.add_argument('--threads', type=int, default=0,
+                   help='CPU threads per row (0: torch\'s default, one per core); on a CPU shared with other '
+                        'busy processes, 1 avoids waiting on descheduled OpenMP threads')
     p.add_argument('--row', nargs=3, metavar=('WORKLOAD', 'ORDER', 'IMPL'), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -243,7 +328,7 @@ def main():
             if impl in CUDA_ONLY and device.type != 'cuda':
                 continue
             cmd = [sys.executable, __file__, '--row', workload, order, impl, '--device', args.device,
-                   '--omniglot', args.omniglot] + ['--quick'] * args.quick
+                   '--omniglot', args.omniglot, '--threads', str(args.threads)] + ['--quick'] * args.quick
             run = subprocess.run(cmd, capture_output=True, text=True)
             if run.returncode == 0:
                 rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
@@ -252,14 +337,15 @@ def main():
                                  error=run.stderr.strip().splitlines()[-1][:200]))
             print(format_row(rows[-1]), flush=True)
     for row in rows:
-        ref = next((r for r in rows if r['workload'] == row['workload'] and r['impl'] == 'reference'
-                    and 'ms_per_step' in r), None)
-        if ref and 'ms_per_step' in row:
-            row['speedup'] = round(ref['ms_per_step'] / row['ms_per_step'], 2)
+        for column, impl in (('speedup', 'reference'), ('vs_seed', 'seed')):
+            ref = next((r for r in rows if r['workload'] == row['workload'] and r['impl'] == impl
+                        and 'ms_per_step' in r), None)
+            if ref and 'ms_per_step' in row:
+                row[column] = round(ref['ms_per_step'] / row['ms_per_step'], 2)
 
     rate = matmul_rate(device)
     print(f'\n{device_name(device)}, torch {torch.__version__}; measured matmul rate {rate / 1e12:.2f} TFLOP/s')
-    print(f"{'workload':20} {'impl':13} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'speed-up':>8}  floor")
+    print(f"{'workload':20} {'impl':13} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'speed-up':>8} {'vs seed':>8}  floor")
     for name in args.workloads:
         workload, order = name.rsplit('-', 1)
         flops = count_flops(workload, order, args.omniglot)
@@ -283,7 +369,7 @@ def format_row(row, floor_ms=None):
     if 'error' in row:
         return f"{row['workload']:20} {row['impl']:13} failed: {row['error']}"
     text = (f"{row['workload']:20} {row['impl']:13} {row['ms_per_step']:9.2f} {row['images_per_s']:8d} "
-            f"{row['peak_mem_mb']:8d} {row.get('speedup', float('nan')):7.2f}x")
+            f"{row['peak_mem_mb']:8d} {row.get('speedup', float('nan')):7.2f}x {row.get('vs_seed', float('nan')):7.2f}x")
     if floor_ms is not None:
         text += f"  {row['gflop_per_step']:.1f} GFLOP, floor {floor_ms:.2f} ms, {100 * row.get('share_of_peak', 0):.1f}% of peak"
     return text

@@ -11,12 +11,20 @@ The base network of MAML, built from a config list of (name, params) layers.
     net = Learner(config, imgc=1, imgsz=28)
     logits = net(x)                        # its own parameters
     logits = net(x, params=fast_weights)   # a dict {name: tensor} or a list, in parameter order
+    net = Learner(config, 1, 28, conv='matmul')   # the same function, convolutions as im2col + matmul
 
 The forward pass is a pure function of (x, params), so `torch.func.functional_call`, `grad` and
 `vmap` compose with it. Batch norm always normalises with the statistics of the batch it is
 given (the paper's transductive setting, also at test time) and keeps no running buffers. It is
 written from primitive ops on purpose: `F.batch_norm` in training mode under `vmap` gives
 second-order gradients about 1% off (pytorch/functorch#534).
+
+`conv` picks how a conv2d layer is computed; both give the same function and gradients of every
+order. 'native' is F.conv2d: under vmap with per-task weights it becomes one grouped convolution.
+'matmul' gathers the windows of a channels-last copy of the input (im2col) and multiplies them by
+the weight, so that under vmap every convolution and every gradient of it is a batched matmul.
+'native' is the default on every device: on a 2-core AMD EPYC CPU (torch 2.14.1) 'matmul' took
+5-20% longer per meta-step, and on CUDA cuDNN's grouped convolutions are the tuned path.
 """
 import torch
 import torch.nn as nn
@@ -43,6 +51,7 @@ _FUNCTIONS = {
     'upsample': lambda x, p: F.interpolate(x, scale_factor=p[0], mode='nearest'),
 }
 LAYER_NAMES = sorted(_PARAMETRIC | set(_FUNCTIONS))
+CONV_FORMULATIONS = ('native', 'matmul')
 
 
 def batch_norm(x, weight, bias):
@@ -55,10 +64,26 @@ def batch_norm(x, weight, bias):
     return torch.addcmul(bias.view(shape), centered, scale)   # one pass over x instead of three
 
 
+def conv2d_matmul(x, weight, bias, stride, padding):
+    """F.conv2d(x, weight, bias, stride, padding) as im2col + matmul. The windows are gathered in
+    (kernel row, kernel column, channel) order from a channels-last input, so that each copied run
+    is a whole channel vector; the output is NCHW in shape and channels-last in memory."""
+    out_ch, _, kh, kw = weight.shape
+    x = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding))
+    windows = x.unfold(1, kh, stride).unfold(2, kw, stride).permute(0, 1, 2, 4, 5, 3)   # n, ho, wo, kh, kw, c
+    n, ho, wo = windows.shape[:3]
+    out = torch.addmm(bias, windows.reshape(n * ho * wo, -1), weight.permute(0, 2, 3, 1).reshape(out_ch, -1).t())
+    return out.view(n, ho, wo, out_ch).permute(0, 3, 1, 2)
+
+
 class Learner(nn.Module):
 
-    def __init__(self, config, imgc, imgsz):
+    def __init__(self, config, imgc, imgsz, conv='native'):
         super().__init__()
+        if conv not in CONV_FORMULATIONS:
+            raise FlagError(f"Learner conv is '{conv}', which is not a convolution formulation; "
+                            f"use one of {', '.join(CONV_FORMULATIONS)}.")
+        self.conv = conv
         self.config = [(name, list(param)) for name, param in config]
         self.imgc, self.imgsz = imgc, imgsz
         self.vars = nn.ParameterList()
@@ -100,7 +125,8 @@ class Learner(nn.Module):
         name, p = self.config[i]
         j = self._first_param[i]
         if name == 'conv2d':
-            return F.conv2d(x, params[j], params[j + 1], stride=p[4], padding=p[5])
+            conv2d = conv2d_matmul if self.conv == 'matmul' else F.conv2d
+            return conv2d(x, params[j], params[j + 1], p[4], p[5])
         if name == 'convt2d':
             return F.conv_transpose2d(x, params[j], params[j + 1], stride=p[4], padding=p[5])
         if name == 'linear':

@@ -1,9 +1,11 @@
-"""The benchmark's seed-style reference computes the same meta-update as Meta, and FLOPs count right."""
+"""The benchmark's seed-style rows compute what they claim (the same meta-update as Meta, or the
+seed's first-order last-task update), and FLOPs count right."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import FlopCount, reference_step
+from bench import FlopCount, per_task_meta_loss, reference_step, seed_forward, seed_network, seed_step
+from learner import Learner
 from test_meta import make_meta, make_tasks
 
 
@@ -35,3 +37,22 @@ def test_flop_counter_counts_convolutions_and_their_gradients():
     with FlopCount() as both:
         F.conv2d(x, w, padding=1).sum().backward()
     assert both.flops == 2 * forward_only.flops, 'the weight gradient costs one more convolution'
+
+
+def test_seed_network_computes_the_learner_function_of_its_config():
+    config = seed_network(n_way=5)
+    net = Learner(config, imgc=1, imgsz=28).double()
+    x = torch.randn(6, 1, 28, 28, dtype=torch.float64)
+    forward = seed_forward(config, x)
+    torch.testing.assert_close(forward(x, list(net.parameters())), net(x), rtol=1e-10, atol=1e-12)
+
+
+def test_seed_step_is_the_first_order_gradient_of_the_last_task_alone():
+    tasks = make_tasks()
+    seed, ref = make_meta(first_order=False), make_meta()
+    seed_step(seed, seed_forward(seed.net.config, tasks[0]), *tasks)
+    theta = list(ref.net.parameters())
+    last = [t[-1:] for t in tasks]
+    loss, _ = per_task_meta_loss(ref.net, theta, last, ref.update_lr, ref.update_step, create_graph=False)
+    for p, g in zip(seed.net.parameters(), torch.autograd.grad(loss / len(tasks[0]), theta)):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)

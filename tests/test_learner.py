@@ -1,9 +1,11 @@
 """The config-built network: every layer of the vocabulary, functional calls, batch norm, errors."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
-from learner import Learner
+from learner import Learner, conv2d_matmul
+from test_meta import make_meta, make_tasks, meta_grad
 
 EVERY_LAYER = [
     ('conv2d', [4, 3, 3, 3, 1, 1]), ('bn', [4]), ('leakyrelu', [0.2, True]),
@@ -53,3 +55,36 @@ def test_summary_lists_layers_and_parameter_count():
     assert 'conv2d(ch_in=1, ch_out=2, k=3x3, stride=1, padding=1)' in text
     assert 'linear(in=32, out=5)' in text
     assert f'parameters: {2 * 9 + 2 + 5 * 32 + 5:,}' in text
+
+
+@pytest.mark.parametrize('stride, padding', [(1, 0), (1, 1), (2, 1), (3, 2)])
+def test_matmul_convolution_equals_native_with_first_and_second_derivatives(stride, padding):
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+               for shape in [(2, 3, 7, 6), (4, 3, 3, 2), (4,)])
+    outs = [conv(x, w, b, stride, padding) for conv in (F.conv2d, conv2d_matmul)]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-13, atol=1e-13)
+    probe = torch.randn(outs[0].shape, generator=g, dtype=torch.float64)
+    derivatives = []
+    for out in outs:
+        first = torch.autograd.grad((out * probe).sum(), (x, w, b), create_graph=True)
+        second = torch.autograd.grad(sum(d.square().sum() for d in first), (x, w))   # b enters linearly
+        derivatives.append(first + second)
+    for native, matmul in zip(*derivatives):
+        torch.testing.assert_close(matmul, native, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('first_order', [False, True])
+def test_matmul_convolution_gives_the_same_vectorised_meta_gradient(first_order):
+    tasks = make_tasks()
+    native, matmul = make_meta(first_order=first_order), make_meta(first_order=first_order)
+    matmul.net.conv = 'matmul'
+    (loss, grad, accs), (loss_m, grad_m, accs_m) = meta_grad(native, tasks), meta_grad(matmul, tasks)
+    torch.testing.assert_close(loss_m, loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(grad_m, grad, rtol=1e-10, atol=1e-12 * grad.abs().max().item())
+    assert torch.equal(accs, accs_m)
+
+
+def test_unknown_convolution_formulation_is_a_clear_error():
+    with pytest.raises(ValueError, match="'fft', which is not a convolution formulation"):
+        Learner([('conv2d', [2, 1, 3, 3, 1, 1])], imgc=1, imgsz=4, conv='fft')
