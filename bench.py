@@ -54,14 +54,19 @@ import omniglot_train
 from meta import Meta
 from MiniImagenet import MiniImagenetCache
 from omniglotNShot import OmniglotNShot
+from presets import DEFAULTS, PRESETS
+from trainer import device_name, tune_cuda
 
+def workload_settings(dataset, preset=None):
+    """The flags of a training script's defaults, or of one of its presets (presets.py)."""
+    return dict(DEFAULTS[dataset], **(PRESETS[dataset][preset] if preset else {}), imgc=IMGC[dataset])
+
+
+IMGC = {'omniglot': 1, 'miniimagenet': 3}
 WORKLOADS = {
-    'omniglot-5w1s': dict(n_way=5, k_spt=1, k_qry=15, imgsz=28, imgc=1, task_num=32, meta_lr=1e-3,
-                          update_lr=0.4, update_step=5, update_step_test=10),
-    'omniglot-paper': dict(n_way=5, k_spt=1, k_qry=1, imgsz=28, imgc=1, task_num=32, meta_lr=1e-3,
-                           update_lr=0.4, update_step=1, update_step_test=3),
-    'mini-5w1s': dict(n_way=5, k_spt=1, k_qry=15, imgsz=84, imgc=3, task_num=4, meta_lr=1e-3,
-                      update_lr=0.01, update_step=5, update_step_test=10),
+    'omniglot-5w1s': workload_settings('omniglot'),                    # the seed's defaults
+    'omniglot-paper': workload_settings('omniglot', 'paper-5w1s'),     # the paper's 5-way 1-shot
+    'mini-5w1s': workload_settings('miniimagenet'),
 }
 IMPLS = ['seed', 'reference', 'meta', 'meta+matmul', 'meta+amp', 'meta+compile', 'meta+graphs']
 CUDA_ONLY = {'meta+amp', 'meta+graphs'}
@@ -158,12 +163,13 @@ def build(workload, order, impl, device, omniglot_root):
                            device=device)
         next_batch = lambda: db.next('train')
     elif workload.startswith('omniglot'):
-        config = omniglot_train.network(hp['n_way'], hp['imgsz'])
+        config = omniglot_train.network(hp['n_way'], hp['imgsz'], hp['num_filters'])
         db = OmniglotNShot(omniglot_root, hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'], hp['imgsz'],
-                           device=device)
+                           device=device, rotate=None if hp['rotate'] == 'none' else hp['rotate'],
+                           preprocess=hp['preprocess'])
         next_batch = lambda: db.next('train')
     else:
-        config = miniimagenet_train.network(hp['n_way'], hp['imgsz'])
+        config = miniimagenet_train.network(hp['n_way'], hp['imgsz'], hp['num_filters'])
         cache = MiniImagenetCache.synthetic(64, 600, hp['imgsz'], device)
         next_batch = lambda: cache.sample(hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'])
     maml = Meta(args, config).to(device)
@@ -219,12 +225,6 @@ def time_row(workload, order, impl, device, omniglot_root, quick):
                 peak_mem_mb=round(peak / 2**20), warmup_s=round(warmup_s, 1))
 
 
-def device_name(device):
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    return f'CPU x{torch.get_num_threads()} threads'
-
-
 class FlopCount(TorchDispatchMode):
     """FLOPs of every matmul/convolution (forward and backward) run under it."""
 
@@ -257,7 +257,6 @@ def count_flops(workload, order, omniglot_root):
 def matmul_rate(device):
     """Measured fp32 matmul FLOP/s (TF32 on CUDA): the ceiling the floor is computed against."""
     n = 8192 if device.type == 'cuda' else 2048
-    torch.backends.cuda.matmul.allow_tf32 = True
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     times = []
     for _ in range(6):
@@ -315,8 +314,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        tune_cuda()   # as the training scripts do
     if args.row:
         print(json.dumps(time_row(*args.row, device, args.omniglot, args.quick)))
         return
