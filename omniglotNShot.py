@@ -203,7 +203,7 @@ class OmniglotNShot:
         if split == 'random':
             self.class_ids = self._random_split(len(images), val_classes, val_alphabets, n_way)
         else:
-            self.class_ids = self._lake_split(len(images), n_background, val_classes, val_alphabets, n_way)
+            self.class_ids = self._lake_split(len(images), n_background, val_classes, val_alphabets)
         if not len(self.class_ids['val']):
             del self.class_ids['val']
         # each split as a flat store [classes * 20, 1, s, s] and the table of its classes' positions
@@ -246,7 +246,7 @@ class OmniglotNShot:
         n_train = N_TRAIN_CLASSES - val_classes
         return {'train': order[:n_train], 'val': order[n_train:N_TRAIN_CLASSES], 'test': order[N_TRAIN_CLASSES:]}
 
-    def _lake_split(self, n_classes, n_background, val_classes, val_alphabets, n_way):
+    def _lake_split(self, n_classes, n_background, val_classes, val_alphabets):
         if val_classes:
             raise FlagError("split='lake' holds out whole background alphabets for validation; use "
                             "val_alphabets instead of val_classes.")
