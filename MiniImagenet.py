@@ -26,12 +26,12 @@ import csv
 import hashlib
 import multiprocessing
 import os
-import time
 import warnings
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError, RunError
 from episodes import draw_tasks
@@ -258,7 +258,7 @@ class MiniImagenetCache:
                 for start in range(0, total, chunk)]
         print(f"MiniImagenet {self.mode}: decoding {total} images at {self.resize}x{self.resize} "
               f"into {self.cache_path}", flush=True)
-        start_time, done, reported_tenths, pool = time.perf_counter(), 0, 0, None
+        pool, bar = None, tqdm(total=total, desc=f'decoding {self.mode}', unit='image', leave=False, disable=None)
         try:
             if min(num_workers, len(jobs)) > 1:
                 with warnings.catch_warnings():
@@ -268,13 +268,10 @@ class MiniImagenetCache:
                     warnings.filterwarnings('ignore', r'This process .* is multi-threaded', DeprecationWarning)
                     pool = multiprocessing.get_context('fork').Pool(min(num_workers, len(jobs)))
             for count in pool.imap_unordered(_decode_into, jobs) if pool else map(_decode_into, jobs):
-                done += count
-                if done * 10 // total > reported_tenths:
-                    reported_tenths = done * 10 // total
-                    rate = done / (time.perf_counter() - start_time)
-                    print(f"  {done}/{total} images ({done / total:.0%}), {rate:.0f} images/s", flush=True)
+                bar.update(count)
             os.replace(tmp_path, self.cache_path)   # atomic: readers see a whole cache or none
         finally:
+            bar.close()
             if pool:
                 pool.terminate()                    # after a bad image, decode no further
             if os.path.exists(tmp_path):

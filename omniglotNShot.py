@@ -44,7 +44,8 @@ import zipfile
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.datasets.utils import download_url, extract_archive
+from torchvision.datasets.utils import download_url
+from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError
 from episodes import draw_group_tasks, draw_tasks, group_table
@@ -86,7 +87,9 @@ def _extract(archive, root, part):
     shutil.rmtree(scratch, ignore_errors=True)   # left by a dead process that had our pid
     os.makedirs(scratch)
     try:
-        extract_archive(archive, scratch)
+        with zipfile.ZipFile(archive) as zf:
+            for member in tqdm(zf.infolist(), desc=f'extracting {part}', unit='file', leave=False, disable=None):
+                zf.extract(member, scratch)
         if not os.path.isdir(os.path.join(scratch, part)):
             raise DamagedError(f"{archive} holds no {part}/ folder; replace it with the official archive.")
         os.replace(os.path.join(scratch, part), os.path.join(root, part))
@@ -153,15 +156,17 @@ def load_images(root, imgsz, preprocess='official', download=True):
             print(f"Omniglot cache {cache} is unreadable; rebuilding it from the images.")
     images, classes = [], []
     for folder in fetch_archives(root, download):
-        for alphabet in sorted(os.listdir(folder)):
-            for character in sorted(os.listdir(os.path.join(folder, alphabet))):
-                path = os.path.join(folder, alphabet, character)
-                files = sorted(f for f in os.listdir(path) if f.endswith('.png'))
-                if len(files) != DRAWINGS:
-                    raise DamagedError(f"{path} holds {len(files)} drawings instead of {DRAWINGS}; "
-                                       f"the extraction is incomplete, so delete it and run again.")
-                images.append(np.stack([_read_png(os.path.join(path, f), imgsz, preprocess) for f in files]))
-                classes.append(f'{alphabet}/{character}')
+        characters = [(alphabet, character) for alphabet in sorted(os.listdir(folder))
+                      for character in sorted(os.listdir(os.path.join(folder, alphabet)))]
+        for alphabet, character in tqdm(characters, desc=f'decoding {os.path.basename(folder)}', unit='class',
+                                        leave=False, disable=None):
+            path = os.path.join(folder, alphabet, character)
+            files = sorted(f for f in os.listdir(path) if f.endswith('.png'))
+            if len(files) != DRAWINGS:
+                raise DamagedError(f"{path} holds {len(files)} drawings instead of {DRAWINGS}; "
+                                   f"the extraction is incomplete, so delete it and run again.")
+            images.append(np.stack([_read_png(os.path.join(path, f), imgsz, preprocess) for f in files]))
+            classes.append(f'{alphabet}/{character}')
         if os.path.basename(folder) == 'images_background':
             background = len(classes)
     images = torch.from_numpy(np.stack(images))

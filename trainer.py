@@ -155,7 +155,8 @@ def device_name(device):
     device = torch.device(device)
     if device.type == 'cuda':
         return torch.cuda.get_device_name(device)
-    return f'CPU ({torch.get_num_threads()} threads)'
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def mean_ci(accs):

@@ -50,13 +50,6 @@ def test_unknown_layer_and_mismatched_sizes_are_clear_errors():
         Learner([('conv2d', [2, 1, 3, 3, 1, 1]), ('flatten', []), ('linear', [5, 99])], imgc=1, imgsz=4)
 
 
-def test_summary_lists_layers_and_parameter_count():
-    text = repr(Learner([('conv2d', [2, 1, 3, 3, 1, 1]), ('flatten', []), ('linear', [5, 32])], 1, 4))
-    assert 'conv2d(ch_in=1, ch_out=2, k=3x3, stride=1, padding=1)' in text
-    assert 'linear(in=32, out=5)' in text
-    assert f'parameters: {2 * 9 + 2 + 5 * 32 + 5:,}' in text
-
-
 @pytest.mark.parametrize('stride, padding', [(1, 0), (1, 1), (2, 1), (3, 2)])
 def test_matmul_convolution_equals_native_with_first_and_second_derivatives(stride, padding):
     g = torch.Generator().manual_seed(0)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO, shared_miniimagenet, unpacked_split
@@ -36,6 +37,7 @@ def subset_root(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_training_on_real_miniimagenet_learns_and_reports_test_once(tmp_path):
     root, save_dir = subset_root(tmp_path / 'data'), tmp_path / 'ckpt'
     run = subprocess.run([sys.executable, os.path.join(REPO, 'miniimagenet_train.py'), '--data', str(root),
@@ -43,7 +45,7 @@ def test_training_on_real_miniimagenet_learns_and_reports_test_once(tmp_path):
     assert run.returncode == 0, run.stderr
     with open(save_dir / 'metrics.csv') as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ['step', 'train_acc', 'val_acc', 'val_ci', 'ms_per_step']
+    assert list(rows[0]) == ['step', 'train_acc', 'val_acc', 'val_ci', 'ms_per_step', 'elapsed_s']
     val = max(float(r['val_acc']) for r in rows)
     best = torch.load(save_dir / 'best.pth', weights_only=True)
     assert best['split'] == 'val' and best['acc'] == val
