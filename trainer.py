@@ -262,14 +262,14 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
                 train_acc = accs[-1]
                 ms_per_step = 1e3 * (time.perf_counter() - tic) / (step - tic_step)
                 tic, tic_step = time.perf_counter(), step
-                bar.write(f'step {step:6d}  loss {loss:.4f}  train acc {format_accs(accs)}  '
-                          f'{ms_per_step:.1f} ms/step  {1e3 * images_per_step / ms_per_step:.0f} img/s')
+                log_line(bar, f'step {step:6d}  loss {loss:.4f}  train acc {format_accs(accs)}  '
+                              f'{ms_per_step:.1f} ms/step  {1e3 * images_per_step / ms_per_step:.0f} img/s')
             if evaluate_now:
                 t = time.perf_counter()
                 mean, half = mean_ci(validate())
                 acc, ci = float(mean[-1]), float(half[-1])
-                bar.write(f'step {step:6d}  {split} acc {acc:.4f} +- {ci:.4f} over {args.eval_tasks} tasks '
-                          f'({time.perf_counter() - t:.1f} s)  by step: {format_accs(mean)}')
+                log_line(bar, f'step {step:6d}  {split} acc {acc:.4f} +- {ci:.4f} over {args.eval_tasks} tasks '
+                              f'({time.perf_counter() - t:.1f} s)  by step: {format_accs(mean)}')
                 wall = elapsed + time.perf_counter() - run_start
                 ckpt = maml.checkpoint(step=step, acc=acc, ci=ci, split=split, sampler=sampler.state_dict(),
                                        args=plain_dict(args), elapsed_s=wall)
@@ -285,6 +285,12 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
     finally:
         bar.close()
     return run
+
+
+def log_line(bar, text):
+    """Print above the progress bar, flushed so that a log file shows it at once."""
+    bar.write(text)
+    sys.stdout.flush()
 
 
 def print_estimate(seconds_per_step, step, args, device):
