@@ -167,9 +167,9 @@ class Meta(nn.Module):
         else:
             loss = (losses[:, -steps:].mean(0) * weights.to(losses)).sum()
         if self.algo == 'reptile':
-            theta = [p for name, p in self.net.named_parameters()]
-            loss = family.with_gradient(loss, theta, [p.detach() - adapted[name].mean(0)
-                                                       for name, p in self.net.named_parameters()])
+            theta = dict(self.net.named_parameters())
+            loss = family.with_gradient(loss, theta.values(), [p.detach() - adapted[name].mean(0)
+                                                               for name, p in theta.items()])
         accs = accs.mean(0)
         return loss, accs if track_steps else accs[-1:]
 
@@ -208,14 +208,14 @@ class Meta(nn.Module):
     def adapt(self, x_spt, y_spt, steps=None):
         """The weights of the net after `steps` (default update_step_test) SGD steps on one task's
         support set, as a dict for `predict` (or, without BNRS, `self.net(x, params=...)`)."""
-        steps = steps or self.update_step_test
+        steps = self.update_step_test if steps is None else steps
         theta = {name: p.detach() for name, p in self.net.named_parameters()}
         adapted = self._task(theta, x_spt, y_spt, x_spt, y_spt, steps, (steps,), True, False)[2]
         return {**theta, **adapted, **self.extras.bn_params(steps)}
 
     def predict(self, x, weights, steps=None):
         """Logits of the net with `weights` from `adapt(..., steps)`, normalised as in evaluation."""
-        return self._forward(weights, x, steps or self.update_step_test, train=False)[0]
+        return self._forward(weights, x, self.update_step_test if steps is None else steps, train=False)[0]
 
     def checkpoint(self, **extra):
         """A dict that `torch.load(..., weights_only=True)` reads and `from_checkpoint` rebuilds."""

@@ -42,6 +42,20 @@ def common_args(description, **defaults):
     p.add_argument('--update_step_test', type=int, help='inner steps when evaluating')
     p.add_argument('--num_filters', type=int, help='channels of each conv layer')
     p.add_argument('--first_order', action='store_true', help='first-order MAML (no second derivatives)')
+    p.add_argument('--algo', default='maml', choices=['maml', 'anil', 'metasgd', 'reptile'],
+                   help='anil: adapt only the last layer; metasgd: learned per-weight inner rates; reptile: '
+                        'meta-gradient theta - mean adapted weights (see family.py)')
+    p.add_argument('--msl_steps', type=int, default=0,
+                   help="MAML++ MSL: weight every inner step's query loss, annealed to the last over this many steps (0: off)")
+    p.add_argument('--da_steps', type=int, default=0,
+                   help='MAML++ DA: first-order for this many meta-steps, then second-order (0: off)')
+    p.add_argument('--lslr', action='store_true', help='MAML++ LSLR: learned inner rate per layer and step')
+    p.add_argument('--bnwb', action='store_true', help='MAML++ BNWB: batch-norm weights and biases per inner step')
+    p.add_argument('--bnrs', action='store_true',
+                   help='MAML++ BNRS: per-step batch-norm running statistics, used in evaluation')
+    p.add_argument('--cosine', action='store_true', help='MAML++ CA: cosine annealing of --meta_lr to --min_meta_lr')
+    p.add_argument('--min_meta_lr', type=float, default=1e-5, help='where --cosine ends')
+    p.add_argument('--total_steps', type=int, help='meta-steps that --cosine anneals over (default: --epoch)')
     p.add_argument('--compile', nargs='?', const='default', metavar='MODE',
                    help="torch.compile the meta-step; MODE 'reduce-overhead' adds CUDA graphs")
     p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (fp32 master weights)')
