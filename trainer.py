@@ -183,11 +183,10 @@ def restore(maml, loader, path, device):
     """Load a checkpoint into `maml` and the loader's sampler; returns the step it was saved at."""
     ckpt = load_checkpoint(path, map_location=device)
     try:
-        maml.net.load_state_dict(ckpt['model'])
-    except RuntimeError:
-        raise RunError(f"{path} holds a network of another shape ({ckpt['hparams']}); resume with "
+        maml.load_state(ckpt)   # also the family's extra meta-parameters and schedule
+    except (RuntimeError, ValueError):
+        raise RunError(f"{path} holds a network of another shape or options ({ckpt['hparams']}); resume with "
                            f"the flags it was trained with.") from None
-    maml.meta_optim.load_state_dict(ckpt['optimizer'])
     if 'sampler' in ckpt:
         loader.load_state_dict(ckpt['sampler'])
     return ckpt['step']

@@ -1,4 +1,5 @@
 """The MAML family (family.py options of meta.py's engine) against independent float64 references."""
+import argparse
 import math
 
 import pytest
@@ -235,3 +236,35 @@ def test_a_plain_maml_checkpoint_from_before_the_family_still_loads():
 def test_contradictory_options_are_named(options, problem):
     with pytest.raises(FlagError, match=problem):
         make(**options)
+
+
+def test_the_training_flags_reach_meta_and_cosine_anneals_over_epoch():
+    from trainer import common_args
+    args = common_args('test', epoch=40, n_way=4, imgsz=SIDE, imgc=1, update_lr=LR, meta_lr=1e-3, update_step=STEPS,
+                       update_step_test=3).parse_args(
+        ['--algo', 'anil', '--msl_steps', '7', '--lslr', '--bnwb', '--bnrs', '--cosine', '--min_meta_lr', '1e-4'])
+    maml = Meta(args, CONFIG)
+    assert {k: maml.hparams()[k] for k in ('algo', 'msl_steps', 'da_steps', 'lslr', 'bnwb', 'bnrs', 'cosine',
+                                           'min_meta_lr', 'total_steps')} == dict(
+        algo='anil', msl_steps=7, da_steps=0, lslr=True, bnwb=True, bnrs=True, cosine=True, min_meta_lr=1e-4,
+        total_steps=40)
+
+
+def test_a_resumed_mamlpp_run_continues_exactly_as_an_uninterrupted_one(tmp_path):
+    from test_checkpoints import ListLoader
+    from trainer import fit
+    options = {**MAMLPP, 'update_step': STEPS, 'update_step_test': 3, 'msl_steps': 3, 'total_steps': 4}
+
+    def run(save_dir, epoch, resume=None):
+        maml, loader = make(**options), ListLoader()
+        args = argparse.Namespace(epoch=epoch, task_num=TASKS, n_way=4, k_spt=2, k_qry=3, log_every=2, eval_every=2,
+                                  eval_tasks=TASKS, save_dir=str(save_dir), keep=2, resume=resume)
+        fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(), args)
+        return maml
+
+    straight = run(tmp_path / 'straight', 4)
+    run(tmp_path / 'stopped', 2)
+    resumed = run(tmp_path / 'stopped', 4, resume=str(tmp_path / 'stopped' / 'last.pth'))
+    assert resumed.meta_steps_done == straight.meta_steps_done == 4
+    state, state_resumed = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(state[k], state_resumed[k]) for k in state)
