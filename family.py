@@ -16,6 +16,7 @@ Options (meta.DEFAULTS; all off by default, which is plain MAML):
     da_steps     DA: first-order meta-gradients for the first da_steps meta-steps, then second-order
     lslr         LSLR: a learned inner learning rate per parameter tensor and inner step
     bnwb         BNWB: batch-norm weights and biases per inner step, meta-learned, not adapted
+                 (they stand in for the net's own, which then stay unused)
     bnrs         BNRS: batch-norm running statistics per inner step, tracked in meta-training and
                  used in evaluation (finetune, predict) instead of the batch's statistics
     cosine       CA: cosine annealing of meta_lr to min_meta_lr over total_steps meta-steps
