@@ -79,7 +79,7 @@ def ensemble_accuracy(members, next_batch, n_tasks):
     accs, n = [], 0
     while n < n_tasks:
         x_spt, y_spt, x_qry, y_qry = next_batch()
-        probs = torch.stack([m.predict(x_spt, y_spt, x_qry) for m in members]).mean(0)
+        probs = torch.stack([m.query_probabilities(x_spt, y_spt, x_qry) for m in members]).mean(0)
         accs.append((probs.argmax(-1) == y_qry).float().mean(-1))
         n += len(accs[-1])
     return torch.cat(accs)[:n_tasks].cpu()

@@ -14,8 +14,10 @@ The base network of MAML, built from a config list of (name, params) layers.
     net = Learner(config, 1, 28, conv='matmul')   # the same function, convolutions as im2col + matmul
 
 The forward pass is a pure function of (x, params), so `torch.func.functional_call`, `grad` and
-`vmap` compose with it. Batch norm always normalises with the statistics of the batch it is
-given (the paper's transductive setting, also at test time) and keeps no running buffers. It is
+`vmap` compose with it. Batch norm normalises with the statistics of the batch it is given (the
+paper's transductive setting, also at test time) and keeps no running buffers: a caller that
+tracks running statistics (MAML++'s BNRS, in meta.py) reads each batch's with `with_stats=True`
+and passes its own with `bn_stats`, so no buffer is written in place under `vmap`. Batch norm is
 written from primitive ops on purpose: `F.batch_norm` in training mode under `vmap` gives
 second-order gradients about 1% off (pytorch/functorch#534).
 
@@ -54,13 +56,18 @@ LAYER_NAMES = sorted(_PARAMETRIC | set(_FUNCTIONS))
 CONV_FORMULATIONS = ('native', 'matmul')
 
 
-def batch_norm(x, weight, bias):
-    """Batch norm over every dim but the channel dim (1), with the batch's own statistics."""
+def batch_norm(x, weight, bias, stats=None):
+    """Batch norm over every dim but the channel dim (1), with the batch's own statistics, or with
+    `stats` = (mean, var), one value per channel, when given."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))   # statistics in float32 under bf16 autocast
     dims = [d for d in range(x.dim()) if d != 1]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    centered = x - x.mean(dim=dims, keepdim=True)
-    scale = torch.rsqrt(centered.square().mean(dim=dims, keepdim=True) + BN_EPS) * weight.view(shape)
+    if stats is None:
+        centered = x - x.mean(dim=dims, keepdim=True)
+        var = centered.square().mean(dim=dims, keepdim=True)
+    else:
+        centered, var = x - stats[0].view(shape), stats[1].view(shape)
+    scale = torch.rsqrt(var + BN_EPS) * weight.view(shape)
     return torch.addcmul(bias.view(shape), centered, scale)   # one pass over x instead of three
 
 
@@ -74,6 +81,13 @@ def conv2d_matmul(x, weight, bias, stride, padding):
     n, ho, wo = windows.shape[:3]
     out = torch.addmm(bias, windows.reshape(n * ho * wo, -1), weight.permute(0, 2, 3, 1).reshape(out_ch, -1).t())
     return out.view(n, ho, wo, out_ch).permute(0, 3, 1, 2)
+
+
+def batch_statistics(x):
+    """(mean, unbiased var) per channel of a batch norm input, detached: what running statistics track."""
+    x = x.detach().to(torch.promote_types(x.dtype, torch.float32))
+    dims = [d for d in range(x.dim()) if d != 1]
+    return x.mean(dim=dims), x.var(dim=dims, unbiased=True)
 
 
 class Learner(nn.Module):
@@ -121,7 +135,7 @@ class Learner(nn.Module):
                                      f"input of shape {list(x.shape[1:])} it receives ({e}); "
                                      f"change its params to match.") from None
 
-    def _layer(self, i, x, params):
+    def _layer(self, i, x, params, bn_stats=None):
         name, p = self.config[i]
         j = self._first_param[i]
         if name == 'conv2d':
@@ -132,18 +146,33 @@ class Learner(nn.Module):
         if name == 'linear':
             return F.linear(x, params[j], params[j + 1])
         if name == 'bn':
-            return batch_norm(x, params[j], params[j + 1])
+            return batch_norm(x, params[j], params[j + 1], bn_stats)
         return _FUNCTIONS[name](x, p)
 
-    def forward(self, x, params=None):
-        """x: [batch, imgc, imgsz, imgsz]; params: None (own), a dict by name, or a list in order."""
+    def forward(self, x, params=None, bn_stats=None, with_stats=False):
+        """x: [batch, imgc, imgsz, imgsz]; params: None (own), a dict by name, or a list in order.
+        bn_stats: None (each batch norm uses its batch's statistics) or one (mean, var) per 'bn'
+        layer to normalise with instead. with_stats: also return the batch's `batch_statistics`
+        at each 'bn' layer, as (logits, [(mean, var), ...])."""
         if params is None:
             params = list(self.vars)
         elif isinstance(params, dict):
             params = [params[name] for name, _ in self.named_parameters()]
-        for i in range(len(self.config)):
-            x = self._layer(i, x, params)
-        return x
+        stats, n_bn = [], 0
+        for i, (name, _) in enumerate(self.config):
+            given = None
+            if name == 'bn':
+                given = bn_stats[n_bn] if bn_stats is not None else None
+                if with_stats:
+                    stats.append(batch_statistics(x))
+                n_bn += 1
+            x = self._layer(i, x, params, given)
+        return (x, stats) if with_stats else x
+
+    def names_of(self, layer):
+        """The (weight, bias) parameter names of every layer of kind `layer` (e.g. 'bn'), in order."""
+        names = [name for name, _ in self.named_parameters()]
+        return [(names[j], names[j + 1]) for (kind, _), j in zip(self.config, self._first_param) if kind == layer]
 
     def __repr__(self):
         return 'Learner(\n  ' + self.extra_repr().replace('\n', '\n  ') + '\n)'

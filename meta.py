@@ -8,12 +8,15 @@ The MAML meta-learner (Finn, Abbeel, Levine 2017, Algorithm 2), all tasks of a m
 
     maml = Meta.from_checkpoint('checkpoints/best.pth')    # in a notebook
     fast_weights = maml.adapt(x_spt, y_spt)                # one task: [setsz, c, h, w]
-    logits = maml.net(x_qry, params=fast_weights)
+    logits = maml.predict(x_qry, fast_weights)
+
+The family (ANIL, Meta-SGD, Reptile, and MAML++'s MSL, DA, LSLR, BNWB, BNRS, CA) are options of
+this one engine, off by default; family.py describes them and holds their extra pieces.
 
 Algorithm 2, line by line:
     line 3   sample a batch of tasks                  -> the caller (the episode loaders)
-    lines 5-6 theta'_i = theta - alpha grad L_Ti(theta) -> `_inner_loop`, `update_step` times
-    line 8   query loss L_Ti(theta'_i)                -> `_task`
+    lines 5-6 theta'_i = theta - alpha grad L_Ti(theta) -> `_task`, `update_step` times
+    line 8   query loss L_Ti(theta'_i)                -> `_task` (and `meta_loss`, for MSL's weights)
     line 10  theta <- theta - beta grad sum_i L_Ti      -> `meta_update` (Adam, as in the paper),
                                                            on the mean over tasks rather than the
                                                            sum, so that meta_lr does not depend on
@@ -25,15 +28,19 @@ second-order meta-gradient; with `first_order` they are detached (the paper's fi
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+import family
 from errors import DamagedError, FlagError, MissingError
 from learner import Learner
 
 # Meta's hyperparameters and their defaults (the seed's Omniglot settings); the network's input
-# shape, imgc and imgsz, has no default. A checkpoint stores these to rebuild the learner.
+# shape, imgc and imgsz, has no default. A checkpoint stores these to rebuild the learner. The
+# second line is the family's options (family.py), off by default; total_steps defaults to args.epoch.
 DEFAULTS = dict(update_lr=0.4, meta_lr=1e-3, update_step=5, update_step_test=10, first_order=False,
-                grad_clip=0.0, amp=False)
+                grad_clip=0.0, amp=False,
+                algo='maml', msl_steps=0, da_steps=0, lslr=False, bnwb=False, bnrs=False, cosine=False,
+                min_meta_lr=1e-5, total_steps=None)
 SHAPE = ('imgc', 'imgsz')
 
 
@@ -56,6 +63,8 @@ class Meta(nn.Module):
         from_args = {name: getattr(args, name) for name in (*DEFAULTS, *SHAPE)
                      if getattr(args, name, None) is not None}
         settings = {**DEFAULTS, **from_args, **hparams}
+        if settings['total_steps'] is None:
+            settings['total_steps'] = getattr(args, 'epoch', None)
         missing = [name for name in SHAPE if name not in settings]
         if missing:
             raise TypeError(f"Meta needs the input shape: pass {' and '.join(missing)}.")
@@ -66,8 +75,20 @@ class Meta(nn.Module):
                             f"({self.update_step_test}) must be at least 1.")
         self.first_order, self.amp = bool(settings['first_order']), bool(settings['amp'])
         self.grad_clip = float(settings['grad_clip'] or 0.0)
+        family.check_options(settings)
+        for name in ('algo', 'msl_steps', 'da_steps', 'lslr', 'bnwb', 'bnrs', 'cosine', 'min_meta_lr', 'total_steps'):
+            setattr(self, name, settings[name])
         self.net = Learner(config, settings['imgc'], settings['imgsz'])
-        self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)
+        bn = {name for pair in self.net.names_of('bn') for name in pair} if self.bnwb else set()
+        # the parameters adapted in the inner loop; the others only by the meta-update
+        self.adapted = (family.head_names(self.net) if self.algo == 'anil' else
+                        [name for name, _ in self.net.named_parameters() if name not in bn])
+        self.extras = family.Extras(self.net, self.adapted, self.update_lr, self.update_step, self.algo,
+                                    self.lslr, self.bnwb, self.bnrs)
+        self.meta_optim = torch.optim.Adam(self.parameters(), lr=self.meta_lr)   # the net's, then the extras'
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.meta_optim, self.total_steps, self.min_meta_lr)
+                          if self.cosine else None)
+        self.meta_steps_done = 0
         if compile_mode:
             self.compile(compile_mode)
 
@@ -82,53 +103,86 @@ class Meta(nn.Module):
         return {**{name: getattr(self, name) for name in DEFAULTS},
                 'imgc': self.net.imgc, 'imgsz': self.net.imgsz}
 
-    def _loss(self, params, x, y):
-        return F.cross_entropy(functional_call(self.net, params, (x,)), y)
+    def _forward(self, params, x, version, train):
+        """Logits of the net with weights `params` after `version` inner steps, and, when tracking
+        BNRS in meta-training, the batch statistics at each batch norm ([] otherwise)."""
+        if train and self.bnrs:
+            return self.net(x, params=params, with_stats=True)
+        return self.net(x, params=params, bn_stats=None if train else self.extras.running(version)), []
 
-    def _accuracy(self, params, x, y):
-        return (functional_call(self.net, params, (x,)).argmax(-1) == y).float().mean()
+    def _task(self, theta, x_spt, y_spt, x_qry, y_qry, steps, query_at, first_order, train):
+        """One task: `steps` SGD steps on the support loss from theta (only the names in
+        `self.adapted` move). The query loss and accuracy are taken after each number of steps in
+        `query_at`. Returns (query losses, query accuracies, adapted weights, batch statistics of the
+        support set after 0..steps-1 steps and of the query set after `steps`)."""
+        fast = {name: theta[name] for name in self.adapted}
+        frozen = {name: p for name, p in theta.items() if name not in fast}
+        losses, accs, stats = [], [], []
 
-    def _inner_loop(self, params, x_spt, y_spt, steps, x_qry=None, y_qry=None):
-        """`steps` SGD steps on one task's support loss; with a query set, also its accuracy
-        before each step. Returns (adapted params, list of query accuracies)."""
-        accs = []
-        for _ in range(steps):
-            if x_qry is not None:
-                accs.append(self._accuracy(params, x_qry, y_qry))
-            grads = grad(self._loss)(params, x_spt, y_spt)
-            if self.first_order:
+        def support_loss(fast, version):
+            logits, batch = self._forward({**frozen, **fast, **self.extras.bn_params(version)}, x_spt, version, train)
+            return F.cross_entropy(logits, y_spt), batch
+
+        for version in range(steps + 1):
+            if version in query_at:
+                params = {**frozen, **fast, **self.extras.bn_params(version)}
+                logits, batch = self._forward(params, x_qry, version, train)
+                losses.append(F.cross_entropy(logits, y_qry))
+                accs.append((logits.argmax(-1) == y_qry).float().mean())
+            if version == steps:
+                return torch.stack(losses), torch.stack(accs), fast, stats + [batch]
+            grads, batch = grad(support_loss, has_aux=True)(fast, version)
+            stats.append(batch)
+            if first_order:
                 grads = {name: g.detach() for name, g in grads.items()}
-            params = {name: p - self.update_lr * grads[name] for name, p in params.items()}
-        return params, accs
+            fast = {name: p - self.extras.lr(name, version) * grads[name] for name, p in fast.items()}
 
-    def _task(self, params, x_spt, y_spt, x_qry, y_qry, steps, track_steps):
-        """One task: adapt on the support set, then the query loss and accuracy of the adapted net."""
-        tracked_query = (x_qry, y_qry) if track_steps else (None, None)
-        params, accs = self._inner_loop(params, x_spt, y_spt, steps, *tracked_query)
-        logits = functional_call(self.net, params, (x_qry,))
-        accs.append((logits.argmax(-1) == y_qry).float().mean())
-        return F.cross_entropy(logits, y_qry), torch.stack(accs)
-
-    def _batched(self, x_spt, y_spt, x_qry, y_qry, steps, track_steps):
-        params = dict(self.net.named_parameters())
-        task = lambda *data: self._task(params, *data, steps=steps, track_steps=track_steps)
+    def _batched(self, x_spt, y_spt, x_qry, y_qry, steps, query_at, first_order, train):
+        theta = dict(self.net.named_parameters())
+        task = lambda *data: self._task(theta, *data, steps, query_at, first_order, train)
         with torch.autocast(x_spt.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return vmap(task)(x_spt, y_spt, x_qry, y_qry)
 
+    def step_weights(self):
+        """MSL's weights of the query losses after inner steps 1..update_step at this meta-step,
+        or None when only the last step's counts (MSL off or annealed)."""
+        if self.meta_steps_done >= self.msl_steps:
+            return None
+        return family.msl_weights(self.update_step, self.meta_steps_done / self.msl_steps)
+
     def meta_loss(self, x_spt, y_spt, x_qry, y_qry, track_steps=True):
         """The differentiable meta-loss (mean over tasks of the query loss after `update_step`
-        inner steps) and the query accuracy, mean over tasks: after each inner step 0..update_step
-        when `track_steps`, else after the last only (one entry, and less work)."""
-        losses, accs = self._batched(x_spt, y_spt, x_qry, y_qry, self.update_step, track_steps)
-        return losses.mean(), accs.mean(0)
+        inner steps, or MSL's weighted sum over steps) and the query accuracy, mean over tasks:
+        after each inner step 0..update_step when `track_steps`, else after the last only (one
+        entry, and less work). With Reptile the loss is the query loss, and its gradient is
+        theta - the mean adapted weights. With BNRS it also updates the running statistics."""
+        steps, weights = self.update_step, self.step_weights()
+        query_at = tuple(range(steps + 1) if track_steps else range(1, steps + 1) if weights is not None else [steps])
+        first_order = self.first_order or self.meta_steps_done < self.da_steps or self.algo == 'reptile'
+        losses, accs, adapted, stats = self._batched(x_spt, y_spt, x_qry, y_qry, steps, query_at, first_order, True)
+        if self.bnrs:
+            self.extras.track(stats)
+        if weights is None:
+            loss = losses[:, -1].mean()
+        else:
+            loss = (losses[:, -steps:].mean(0) * weights.to(losses)).sum()
+        if self.algo == 'reptile':
+            theta = dict(self.net.named_parameters())
+            loss = family.with_gradient(loss, theta.values(), [p.detach() - adapted[name].mean(0)
+                                                               for name, p in theta.items()])
+        accs = accs.mean(0)
+        return loss, accs if track_steps else accs[-1:]
 
     def meta_update(self, loss):
         """Line 10 of Algorithm 2: one Adam step on the meta-parameters along -grad(loss)."""
         self.meta_optim.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_clip > 0:
-            nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip, foreach=True)
+            nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip, foreach=True)
         self.meta_optim.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.meta_steps_done += 1
 
     def forward(self, x_spt, y_spt, x_qry, y_qry, track_steps=True):
         """One meta-training step; returns the query accuracies (a tensor, left on the device)."""
@@ -143,34 +197,54 @@ class Meta(nn.Module):
         single = x_spt.dim() == 4
         if single:
             x_spt, y_spt, x_qry, y_qry = (t.unsqueeze(0) for t in (x_spt, y_spt, x_qry, y_qry))
-        _, accs = self._batched(x_spt, y_spt, x_qry, y_qry, self.update_step_test, track_steps=True)
+        steps = self.update_step_test
+        _, accs, _, _ = self._batched(x_spt, y_spt, x_qry, y_qry, steps, tuple(range(steps + 1)), True, False)
         accs = accs.clone()   # a CUDA-graph replay (--compile reduce-overhead) reuses its output buffers
         return accs[0] if single else accs
 
     finetunning = finetune   # the seed's name
 
+    @torch.no_grad()
     def adapt(self, x_spt, y_spt, steps=None):
-        """The fast weights of one task after `steps` (default update_step_test) SGD steps on its
-        support set, as a dict for `self.net(x, params=...)`."""
-        params = {name: p.detach() for name, p in self.net.named_parameters()}
-        return self._inner_loop(params, x_spt, y_spt, steps or self.update_step_test)[0]
+        """The weights of the net after `steps` (default update_step_test) SGD steps on one task's
+        support set, as a dict for `predict` (or, without BNRS, `self.net(x, params=...)`)."""
+        steps = self.update_step_test if steps is None else steps
+        theta = {name: p.detach() for name, p in self.net.named_parameters()}
+        adapted = self._task(theta, x_spt, y_spt, x_spt, y_spt, steps, (steps,), True, False)[2]
+        return {**theta, **adapted, **self.extras.bn_params(steps)}
+
+    def predict(self, x, weights, steps=None):
+        """Logits of the net with `weights` from `adapt(..., steps)`, normalised as in evaluation."""
+        return self._forward(weights, x, self.update_step_test if steps is None else steps, train=False)[0]
 
     @torch.no_grad()
-    def predict(self, x_spt, y_spt, x_qry, steps=None):
+    def query_probabilities(self, x_spt, y_spt, x_qry, steps=None):
         """Class probabilities of the query images [tasks, n_query, n_way] after `steps` (default
         update_step_test) fine-tuning steps on each task's support set; for ensembles of learners."""
-        params = {name: p.detach() for name, p in self.net.named_parameters()}
-
         def task(xs, ys, xq):
-            fast, _ = self._inner_loop(params, xs, ys, steps or self.update_step_test)
-            return functional_call(self.net, fast, (xq,)).float().softmax(-1)
+            return self.predict(xq, self.adapt(xs, ys, steps), steps).float().softmax(-1)
         with torch.autocast(x_spt.device.type, dtype=torch.bfloat16, enabled=self.amp):
             return vmap(task)(x_spt, y_spt, x_qry)
 
     def checkpoint(self, **extra):
         """A dict that `torch.load(..., weights_only=True)` reads and `from_checkpoint` rebuilds."""
+        family_state = {'extras': self.extras.state_dict(), 'meta_steps_done': self.meta_steps_done,
+                        'scheduler': self.scheduler.state_dict() if self.scheduler else None}
         return {'model': self.net.state_dict(), 'config': self.net.config, 'hparams': self.hparams(),
-                'optimizer': self.meta_optim.state_dict(), 'torch_version': str(torch.__version__), **extra}
+                'optimizer': self.meta_optim.state_dict(), 'family': family_state,
+                'torch_version': str(torch.__version__), **extra}
+
+    def load_state(self, ckpt):
+        """Load a checkpoint dict's weights, extra meta-parameters, optimizer and schedule into this
+        Meta (built with the same hyperparameters); what a resumed run needs."""
+        self.net.load_state_dict(ckpt['model'])
+        self.meta_optim.load_state_dict(ckpt['optimizer'])
+        saved = ckpt.get('family')   # absent in plain-MAML checkpoints written before the family
+        if saved:
+            self.extras.load_state_dict(saved['extras'])
+            self.meta_steps_done = saved['meta_steps_done']
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(saved['scheduler'])
 
     @classmethod
     def from_checkpoint(cls, path, map_location=None):
@@ -185,8 +259,7 @@ class Meta(nn.Module):
         saved = next(iter(ckpt['model'].values()))
         maml.to(saved.device, saved.dtype)
         maml.amp = maml.amp and saved.device.type == 'cuda'   # bf16 autocast is for CUDA only
-        maml.net.load_state_dict(ckpt['model'])
-        maml.meta_optim.load_state_dict(ckpt['optimizer'])
+        maml.load_state(ckpt)
         return maml
 
 

@@ -42,12 +42,17 @@ def evaluation_tasks(split, n_tasks, n_way, k_shot, k_query, maml, seed=EVAL_SEE
                     desc=f'{split.mode} tasks')
 
 
-def main():
+def build_parser():
+    """The common flags (trainer.make_parser) and mini-ImageNet's own."""
     parser = make_parser(__doc__.strip().splitlines()[0], 'miniimagenet', DATA_ROOT)
     parser.add_argument('--pixel_norm', choices=['imagenet', 'unit'],
                         help="pixel normalisation: 'imagenet' mean/std (the seed) or 'unit', x / 255 only "
                              "(the official code)")
-    args = parse_args(parser, 'miniimagenet')
+    return parser
+
+
+def main():
+    args = parse_args(build_parser(), 'miniimagenet')
     device = setup_device(args)
 
     k_eval = args.k_qry_test or args.k_qry

@@ -49,7 +49,8 @@ def evaluation_tasks(db, mode, n_tasks, k_query, maml, seed=EVAL_SEED):
     return evaluate(maml, lambda: db.next(mode, k_query=k_query), n_tasks, desc=f'{mode} tasks')
 
 
-def main():
+def build_parser():
+    """The common flags (trainer.make_parser) and Omniglot's own."""
     parser = make_parser(__doc__.strip().splitlines()[0], 'omniglot', DATA_ROOT)
     parser.add_argument('--rotate', choices=['none', 'classes', 'per_task'],
                         help="rotation augmentation of training characters: 'per_task' gives each class of "
@@ -67,7 +68,11 @@ def main():
                              "of the 20 evaluation (held-out background) alphabets")
     parser.add_argument('--val_alphabets', type=int,
                         help="with --split lake: whole background alphabets held out to rank checkpoints")
-    args = parse_args(parser, 'omniglot')
+    return parser
+
+
+def main():
+    args = parse_args(build_parser(), 'omniglot')
     device = setup_device(args)
 
     db = make_loader(args, device)

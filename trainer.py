@@ -50,6 +50,20 @@ def make_parser(description, dataset, data_root):
     p.add_argument('--update_step_test', type=int, help='inner steps when evaluating')
     p.add_argument('--num_filters', type=int, help='channels of each conv layer')
     p.add_argument('--first_order', action='store_true', help='first-order MAML (no second derivatives)')
+    p.add_argument('--algo', default='maml', choices=['maml', 'anil', 'metasgd', 'reptile'],
+                   help='anil: adapt only the last layer; metasgd: learned per-weight inner rates; reptile: '
+                        'meta-gradient theta - mean adapted weights (see family.py)')
+    p.add_argument('--msl_steps', type=int, default=0,
+                   help="MAML++ MSL: weight every inner step's query loss, annealed to the last over this many steps (0: off)")
+    p.add_argument('--da_steps', type=int, default=0,
+                   help='MAML++ DA: first-order for this many meta-steps, then second-order (0: off)')
+    p.add_argument('--lslr', action='store_true', help='MAML++ LSLR: learned inner rate per layer and step')
+    p.add_argument('--bnwb', action='store_true', help='MAML++ BNWB: batch-norm weights and biases per inner step')
+    p.add_argument('--bnrs', action='store_true',
+                   help='MAML++ BNRS: per-step batch-norm running statistics, used in evaluation')
+    p.add_argument('--cosine', action='store_true', help='MAML++ CA: cosine annealing of --meta_lr to --min_meta_lr')
+    p.add_argument('--min_meta_lr', type=float, default=1e-5, help='where --cosine ends')
+    p.add_argument('--total_steps', type=int, help='meta-steps that --cosine anneals over (default: --epoch)')
     p.add_argument('--compile', nargs='?', const='default', metavar='MODE',
                    help="torch.compile the meta-step; MODE 'reduce-overhead' adds CUDA graphs")
     p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (fp32 master weights)')
@@ -212,13 +226,6 @@ def open_run(args, sampler):
     return run, ckpt['step'], ckpt.get('elapsed_s', 0.0)
 
 
-def restore(maml, ckpt, device):
-    """Load a checkpoint's weights and optimizer state into `maml`."""
-    state = {k: v.to(device) for k, v in ckpt['model'].items()}
-    maml.net.load_state_dict(state)
-    maml.meta_optim.load_state_dict(ckpt['optimizer'])
-
-
 def check_loss(loss, step, n_way):
     """A loss that is not finite, or a hundred times chance's, means the run diverged: stop it."""
     chance = math.log(n_way)
@@ -234,7 +241,7 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
     device = next(maml.parameters()).device
     run, start, elapsed = open_run(args, sampler)
     if args.resume_ckpt is not None:
-        restore(maml, args.resume_ckpt, device)
+        maml.load_state(args.resume_ckpt)   # weights, optimizer, the family's extras and schedule
         print(f'resumed from {args.resume} at step {start}')
     images_per_step = args.task_num * args.n_way * (args.k_spt + args.k_qry)
     train_acc, ms_per_step = math.nan, math.nan

@@ -253,8 +253,8 @@ def test_impossible_flags_are_refused_by_name(flags, problem):
 
 
 def test_a_diverging_inner_loop_stops_the_run(tmp_path):
-    maml = make_meta()
-    maml.update_lr = 1e6
+    small = make_meta()
+    maml = Meta(small.net.config, **{**small.hparams(), 'update_lr': 1e6}).double()
     with pytest.raises(RunError, match='so the run diverged; lower --meta_lr or --update_lr'):
         run_fit(tmp_path, epoch=4, maml=maml)
     assert not os.path.exists(tmp_path / 'last.pth')
