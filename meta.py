@@ -68,6 +68,7 @@ class Meta(nn.Module):
         self.grad_clip = float(settings['grad_clip'] or 0.0)
         self.net = Learner(config, settings['imgc'], settings['imgsz'])
         self.meta_optim = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr)
+        self.grad_reducer = None   # distributed.attach: averages the meta-gradient over ranks
         if compile_mode:
             self.compile(compile_mode)
 
@@ -126,6 +127,8 @@ class Meta(nn.Module):
         """Line 10 of Algorithm 2: one Adam step on the meta-parameters along -grad(loss)."""
         self.meta_optim.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_reducer is not None:   # before clipping, which must see the whole meta-batch's gradient
+            self.grad_reducer(self.net.parameters())
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip, foreach=True)
         self.meta_optim.step()

@@ -15,6 +15,7 @@ import os
 
 import torch
 
+import distributed
 from meta import Meta
 from MiniImagenet import MiniImagenetCache, check_splits
 from trainer import (device_name, evaluate, fit, make_parser, parse_args, plain_dict, report_test, run_main,
@@ -52,13 +53,14 @@ def main():
 
     k_eval = args.k_qry_test or args.k_qry
     check_splits(args.data, {'train': args.k_qry, 'val': k_eval, 'test': k_eval}, args.n_way, args.k_spt)
-    splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device, seed=args.seed,
+    splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device,
+                                      seed=distributed.rank_seed(args.seed),
                                       normalize=args.normalize) for mode in ('train', 'val', 'test')}
     maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=3).to(device)
     print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
 
-    train = splits['train']
-    run = fit(maml, train, lambda: train.sample(args.task_num, args.n_way, args.k_spt, args.k_qry),
+    train, shard = splits['train'], distributed.local_tasks(args.task_num)   # this rank's tasks per step
+    run = fit(maml, train, lambda: train.sample(shard, args.n_way, args.k_spt, args.k_qry),
               lambda: evaluation_tasks(splits['val'], args.eval_tasks, args.n_way, args.k_spt, k_eval, maml),
               args, split='val')
     report_test(run, lambda best: evaluation_tasks(splits['test'], args.test_tasks, args.n_way, args.k_spt,
