@@ -25,7 +25,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from checkpoints import check_finite
 from errors import FlagError, RunError, UserError
 from meta import load_checkpoint
 
@@ -177,7 +176,7 @@ def on_main(fn, share=False):
         raise error
     if message[0] is not None:
         raise message[0]
-    return message[1] if share or rank() == 0 else None
+    return result if rank() == 0 else message[1]
 
 
 def load_shared_checkpoint(path, map_location):
@@ -209,17 +208,14 @@ def load_sampler_state(sampler, ckpt):
 
 
 class FollowerRun:
-    """What ranks other than 0 have in place of the run folder (checkpoints.RunDir): saving only
-    checks the weights as RunDir.save does, so that all ranks stop together on non-finite ones."""
+    """What ranks other than 0 have in place of the run folder (checkpoints.RunDir), which rank 0
+    alone writes, inside `on_main`: so an error in saving (non-finite weights) stops every rank."""
 
     def __init__(self, save_dir):
         self.dir = save_dir
 
     def path(self, name):
         return os.path.join(self.dir, name)
-
-    def save(self, ckpt, row):
-        check_finite(ckpt, ckpt['step'])
 
     def close(self):
         pass

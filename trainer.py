@@ -300,10 +300,9 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
                 wall = elapsed + time.perf_counter() - run_start
                 ckpt = maml.checkpoint(step=step, acc=acc, ci=ci, split=split, args=plain_dict(args), elapsed_s=wall,
                                        **distributed.sampler_states(sampler))
-                run.save(ckpt, row={'step': step, 'train_acc': train_acc, f'{split}_acc': acc,
-                                    f'{split}_ci': ci, 'ms_per_step': ms_per_step, 'elapsed_s': round(wall, 1)})
-                if distributed.is_main():
-                    draw_learning_curve(run.dir)
+                row = {'step': step, 'train_acc': train_acc, f'{split}_acc': acc, f'{split}_ci': ci,
+                       'ms_per_step': ms_per_step, 'elapsed_s': round(wall, 1)}
+                distributed.on_main(lambda: record(run, ckpt, row))
                 tic, tic_step = time.perf_counter(), step
     except KeyboardInterrupt:
         saved = os.path.exists(run.path('last.pth'))
@@ -321,6 +320,12 @@ def print_estimate(seconds_per_step, step, args, device):
     print(f'{seconds_per_step * 1e3:.0f} ms/step on {device_name(device)}: the {left} steps left take about '
           f'{format_duration(left * seconds_per_step)} without evaluations; first evaluation at step '
           f'{first_eval} (in about {format_duration(max(first_eval - step, 0) * seconds_per_step)}).', flush=True)
+
+
+def record(run, ckpt, row):
+    """Save an evaluation's checkpoint and metrics row, and redraw the learning curve."""
+    run.save(ckpt, row)
+    draw_learning_curve(run.dir)
 
 
 def draw_learning_curve(folder):
