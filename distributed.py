@@ -18,6 +18,8 @@ folder and writes checkpoints. A checkpoint stores every rank's sampler state ('
 in rank order) beside rank 0's ('sampler', all a one-process run has), so that resuming on M ranks
 gives rank r the state rank r saved; ranks the writing run did not have start their stream afresh.
 """
+import contextlib
+import datetime
 import io
 import os
 import sys
@@ -30,6 +32,8 @@ from meta import load_checkpoint
 
 RANK_SEED_STRIDE = 1_000_003   # rank r's stream is seeded --seed + r * this, far from the loaders' seed + i
 BUCKET_BYTES = 32 << 20        # gradients are all-reduced in flat buffers of at most this size
+# how long a rank waits for the others; long enough for rank 0 to download and decode a data set
+TIMEOUT = datetime.timedelta(minutes=30)
 
 
 def active():
@@ -69,7 +73,10 @@ def init(device):
     else:
         # torchrun sets OMP_NUM_THREADS=1; the ranks of one machine share its cores instead
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
-    dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    if device.type == 'cuda':
+        dist.init_process_group('nccl', timeout=TIMEOUT, device_id=device)
+    else:
+        dist.init_process_group('gloo', timeout=TIMEOUT)
     if rank() != 0:
         sys.stdout = open(os.devnull, 'w')
     return device
@@ -78,6 +85,22 @@ def init(device):
 def leave():
     if active():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def in_turn():
+    """Run the block on rank 0 first, then on the first rank of each other machine, then on the rest:
+    so that the one rank that finds no data cache builds it (download, decode) while no other rank
+    that shares its file system writes the same files, and the others read it."""
+    if world_size() < 2:
+        yield
+        return
+    turn = 0 if rank() == 0 else 1 if int(os.environ.get('LOCAL_RANK', '0')) == 0 else 2
+    for _ in range(turn):
+        dist.barrier()
+    yield
+    for _ in range(turn, 3):
+        dist.barrier()
 
 
 def local_tasks(task_num):

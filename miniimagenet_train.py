@@ -53,9 +53,10 @@ def main():
 
     k_eval = args.k_qry_test or args.k_qry
     check_splits(args.data, {'train': args.k_qry, 'val': k_eval, 'test': k_eval}, args.n_way, args.k_spt)
-    splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device,
-                                      seed=distributed.rank_seed(args.seed),
-                                      normalize=args.normalize) for mode in ('train', 'val', 'test')}
+    with distributed.in_turn():
+        splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device,
+                                          seed=distributed.rank_seed(args.seed),
+                                          normalize=args.normalize) for mode in ('train', 'val', 'test')}
     maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=3).to(device)
     print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
 

@@ -68,7 +68,8 @@ def main():
     args = parse_args(parser, 'omniglot')
     device = setup_device(args)
 
-    db = make_loader(args, device, distributed.local_tasks(args.task_num), distributed.rank_seed(args.seed))
+    with distributed.in_turn():
+        db = make_loader(args, device, distributed.local_tasks(args.task_num), distributed.rank_seed(args.seed))
     eval_db = copy.copy(db)   # the same images and streams, drawn task_num at a time as by one process
     eval_db.batchsz = args.task_num
     maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=1).to(device)
