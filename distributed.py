@@ -96,11 +96,14 @@ def in_turn():
         yield
         return
     turn = 0 if rank() == 0 else 1 if int(os.environ.get('LOCAL_RANK', '0')) == 0 else 2
-    for _ in range(turn):
-        dist.barrier()
-    yield
-    for _ in range(turn, 3):
-        dist.barrier()
+    for this_turn in range(3):
+        error = None
+        if this_turn == turn:
+            try:
+                yield
+            except Exception as e:
+                error = e
+        stop_together(error)
 
 
 def local_tasks(task_num):
@@ -180,6 +183,19 @@ def gather_in_order(mine):
     return [lists[i % len(lists)][i // len(lists)] for i in range(sum(map(len, lists)))]
 
 
+def stop_together(error):
+    """Every rank passes the exception it caught, or None: if any rank has one, every rank raises,
+    its own or else the first rank's (a named problem as it is, anything else as a RunError)."""
+    errors = [None] * world_size()
+    dist.all_gather_object(errors, error if error is None or isinstance(error, UserError) else
+                           RunError(f"rank {rank()} stopped with {type(error).__name__}: {error}"))
+    if error is not None:
+        raise error
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+
+
 def on_main(fn, share=False):
     """Call fn() on rank 0 only; with `share` its result reaches every rank, else the others get None.
     An error fn raises is raised on every rank, so that none waits for a rank that stopped."""
@@ -191,15 +207,12 @@ def on_main(fn, share=False):
             result = fn()
         except Exception as e:
             error = e
-    message = [None if error is None else error if isinstance(error, UserError)
-               else RunError(f"rank 0 stopped with {type(error).__name__}: {error}"),
-               result if share and error is None else None]
+    stop_together(error)
+    if not share:
+        return result
+    message = [result]
     dist.broadcast_object_list(message, 0)
-    if error is not None:
-        raise error
-    if message[0] is not None:
-        raise message[0]
-    return result if rank() == 0 else message[1]
+    return message[0]
 
 
 def load_shared_checkpoint(path, map_location):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import distributed
 import trainer
 from checkpoints import read_metrics
-from errors import FlagError, RunError
+from errors import FlagError, MissingError, RunError
 from test_checkpoints import ListLoader, fit_args
 from test_meta import TASKS, flat, make_meta, make_tasks, rel_err
 
@@ -140,6 +140,12 @@ def fit_worker(rank, out):
             fit_on(os.path.join(out, save_dir), 4, bad_loader)
         except RunError as e:
             errors[name] = str(e)
+    try:
+        with distributed.in_turn():   # how the scripts load their data
+            if rank == 0:
+                raise MissingError('no data here')
+    except MissingError as e:
+        errors['data'] = str(e)
     torch.save({'straight': straight, 'resumed': resumed, 'calls': loader.calls, 'errors': errors},
                os.path.join(out, f'rank{rank}.pt'))
 
@@ -153,6 +159,7 @@ def test_two_ranks_write_one_run_that_resumes_on_two_ranks_or_one(tmp_path):
         assert got['calls'] == 100 * rank + 6, "each rank's stream goes on from its own saved state"
         assert 'meta-loss became nan at step 1' in got['errors']['nan'], 'every rank stops, none waits'
         assert 'already holds checkpoints' in got['errors']['occupied']
+        assert got['errors']['data'] == 'no data here', "rank 0's problem stops rank 1 before its turn"
     folder = tmp_path / 'b'
     assert [r['step'] for r in read_metrics(folder)] == ['2', '4', '6'], 'one row per evaluation'
     assert len([f for f in os.listdir(folder) if f.startswith('maml_step')]) == 2, 'keep=2 ranked checkpoints'
