@@ -10,8 +10,8 @@ rank's meta-gradient by the mean over ranks before clipping and the Adam step. T
 mean over tasks, so with equal shards that is the meta-gradient of the whole meta-batch, and every
 rank takes the same step from the same weights (rank 0's, broadcast by `attach`). The ranks agree
 on everything that decides whether training goes on: the loss they check is `mean_over_ranks`,
-their weights are identical, and whatever rank 0 alone does (the run folder) reaches the others
-through `on_main`, errors included, so a stop on one rank is a stop on all, never a hang.
+their weights are identical, and what one rank alone does (rank 0's run folder, loading data
+`in_turn`) ends in `stop_together`, so a problem on one rank stops all of them, never a hang.
 
 Rank 0 alone prints (the other ranks' stdout goes to /dev/null; stderr stays), owns the run
 folder and writes checkpoints. A checkpoint stores every rank's sampler state ('rank_samplers',
@@ -70,12 +70,10 @@ def init(device):
                             f"{torch.cuda.device_count()} or fewer.")
         device = torch.device('cuda', local_rank)
         torch.cuda.set_device(device)
+        dist.init_process_group('nccl', timeout=TIMEOUT, device_id=device)
     else:
         # torchrun sets OMP_NUM_THREADS=1; the ranks of one machine share its cores instead
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_size))
-    if device.type == 'cuda':
-        dist.init_process_group('nccl', timeout=TIMEOUT, device_id=device)
-    else:
         dist.init_process_group('gloo', timeout=TIMEOUT)
     if rank() != 0:
         sys.stdout = open(os.devnull, 'w')

@@ -5,6 +5,7 @@ Meta-train MAML on mini-ImageNet (N-way K-shot classification, Finn et al. 2017,
     python miniimagenet_train.py --preset paper-5w1s          # the paper's protocol (presets.py)
     python miniimagenet_train.py --preset paper-5w5s
     python miniimagenet_train.py --resume checkpoints/last.pth
+    torchrun --standalone --nproc_per_node=4 miniimagenet_train.py --task_num 32   # 4 GPUs (distributed.py)
 
 DATA_ROOT (or --data) holds images/*.jpg and train.csv, val.csv, test.csv (see README). Each split
 is decoded once into a uint8 cache under <data>/cache and episodes are sampled on the device.

@@ -5,6 +5,7 @@ Meta-train MAML on Omniglot (N-way K-shot classification, Finn et al. 2017, sect
     python omniglot_train.py --preset paper-5w1s              # the paper's protocol (presets.py)
     python omniglot_train.py --preset paper-20w1s --device cuda
     python omniglot_train.py --resume checkpoints/last.pth    # continue a stopped run
+    torchrun --standalone --nproc_per_node=4 omniglot_train.py --task_num 32   # 4 GPUs (distributed.py)
 
 Omniglot is downloaded into DATA_ROOT (or --data) when it is missing. Every --eval_every steps the
 model is fine-tuned on --eval_tasks tasks of 100 held-out training characters (the same tasks each
