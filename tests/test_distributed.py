@@ -56,7 +56,7 @@ def shard(batch, rank):
 def meta_steps_worker(rank, out):
     results = {}
     for first_order in (False, True):
-        maml = make_meta(update_step=1, first_order=first_order, seed=rank)   # other initial weights: attach gives rank 0's
+        maml = make_meta(update_step=1, first_order=first_order, seed=rank)   # attach gives rank 0's weights
         distributed.attach(maml)
         for batch in meta_batches():
             loss, accs = maml.meta_loss(*shard(batch, rank))
