@@ -89,6 +89,7 @@ class Meta(nn.Module):
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.meta_optim, self.total_steps, self.min_meta_lr)
                           if self.cosine else None)
         self.meta_steps_done = 0
+        self.grad_reducer = None   # distributed.attach: averages the meta-gradient over ranks
         if compile_mode:
             self.compile(compile_mode)
 
@@ -177,6 +178,8 @@ class Meta(nn.Module):
         """Line 10 of Algorithm 2: one Adam step on the meta-parameters along -grad(loss)."""
         self.meta_optim.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_reducer is not None:   # before clipping, which must see the whole meta-batch's gradient
+            self.grad_reducer(self)
         if self.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.parameters(), self.grad_clip, foreach=True)
         self.meta_optim.step()

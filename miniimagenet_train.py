@@ -5,6 +5,7 @@ Meta-train MAML on mini-ImageNet (N-way K-shot classification, Finn et al. 2017,
     python miniimagenet_train.py --preset paper-5w1s          # the paper's protocol (presets.py)
     python miniimagenet_train.py --preset paper-5w5s
     python miniimagenet_train.py --resume checkpoints/last.pth
+    torchrun --standalone --nproc_per_node=4 miniimagenet_train.py --task_num 32   # 4 GPUs (distributed.py)
 
 DATA_ROOT (or --data) holds images/*.jpg and train.csv, val.csv, test.csv (see README). Each split
 is decoded once into a uint8 cache under <data>/cache and episodes are sampled on the device.
@@ -15,6 +16,7 @@ import os
 
 import torch
 
+import distributed
 from meta import Meta
 from MiniImagenet import MiniImagenetCache, check_splits
 from trainer import (device_name, evaluate, fit, make_parser, parse_args, plain_dict, report_test, run_main,
@@ -58,13 +60,15 @@ def main():
     k_eval = args.k_qry_test or args.k_qry
     check_splits(args.data, {'train': (args.n_way, args.k_spt, args.k_qry), 'val': (args.n_way, args.k_spt, k_eval),
                              'test': (args.n_way, args.k_spt, k_eval)})
-    splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device, seed=args.seed,
-                                      pixel_norm=args.pixel_norm) for mode in ('train', 'val', 'test')}
+    with distributed.in_turn():
+        splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device,
+                                          seed=distributed.rank_seed(args.seed),
+                                          pixel_norm=args.pixel_norm) for mode in ('train', 'val', 'test')}
     maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=3).to(device)
     print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
 
-    train = splits['train']
-    run = fit(maml, train, lambda: train.sample(args.task_num, args.n_way, args.k_spt, args.k_qry),
+    train, shard = splits['train'], distributed.local_tasks(args.task_num)   # this rank's tasks per step
+    run = fit(maml, train, lambda: train.sample(shard, args.n_way, args.k_spt, args.k_qry),
               lambda: evaluation_tasks(splits['val'], args.eval_tasks, args.n_way, args.k_spt, k_eval, maml),
               args, split='val')
     report_test(run, lambda best: evaluation_tasks(splits['test'], args.test_tasks, args.n_way, args.k_spt,

@@ -5,6 +5,7 @@ Meta-train MAML on Omniglot (N-way K-shot classification, Finn et al. 2017, sect
     python omniglot_train.py --preset paper-5w1s              # the paper's protocol (presets.py)
     python omniglot_train.py --preset paper-20w1s --device cuda
     python omniglot_train.py --resume checkpoints/last.pth    # continue a stopped run
+    torchrun --standalone --nproc_per_node=4 omniglot_train.py --task_num 32   # 4 GPUs (distributed.py)
 
 Omniglot is downloaded into DATA_ROOT (or --data) when it is missing. Every --eval_every steps the
 model is fine-tuned on --eval_tasks tasks of 100 held-out training characters (the same tasks each
@@ -13,10 +14,12 @@ time) and the accuracy after each fine-tuning step is printed as mean +- 95% CI;
 423 test characters. --val_classes 0 ranks the checkpoints on the test characters instead, as the
 seed did (then the reported accuracy is the best of many looks at the test set).
 """
+import copy
 import os
 
 import torch
 
+import distributed
 from meta import Meta
 from omniglotNShot import OmniglotNShot
 from trainer import (device_name, evaluate, fit, make_parser, parse_args, plain_dict, report_test, run_main,
@@ -35,11 +38,12 @@ def network(n_way, imgsz, filters=64):
     return config + [('flatten', []), ('linear', [n_way, filters * side * side])]
 
 
-def make_loader(args, device, batchsz=None):
+def make_loader(args, device, batchsz=None, seed=None):
     return OmniglotNShot(args.data, batchsz=batchsz or args.task_num, n_way=args.n_way, k_shot=args.k_spt,
-                         k_query=args.k_qry, imgsz=args.imgsz, device=device, rotate=None if args.rotate == 'none' else args.rotate,
-                         seed=args.seed, val_classes=args.val_classes, preprocess=args.preprocess,
-                         split=args.split, val_alphabets=args.val_alphabets,
+                         k_query=args.k_qry, imgsz=args.imgsz, device=device,
+                         rotate=None if args.rotate == 'none' else args.rotate,
+                         seed=args.seed if seed is None else seed, val_classes=args.val_classes,
+                         preprocess=args.preprocess, split=args.split, val_alphabets=args.val_alphabets,
                          within_alphabet=('val', 'test') if args.split == 'lake' else ())
 
 
@@ -75,7 +79,10 @@ def main():
     args = parse_args(build_parser(), 'omniglot')
     device = setup_device(args)
 
-    db = make_loader(args, device)
+    with distributed.in_turn():
+        db = make_loader(args, device, distributed.local_tasks(args.task_num), distributed.rank_seed(args.seed))
+    eval_db = copy.copy(db)   # the same images and streams, drawn task_num at a time as by one process
+    eval_db.batchsz = args.task_num
     maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=1).to(device)
     print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
     split = 'val' if 'val' in db.class_ids else 'test'
@@ -84,9 +91,9 @@ def main():
               'accuracy is optimistic; use --val_classes 100 for an unbiased report.')
     k_eval = args.k_qry_test or args.k_qry
     run = fit(maml, db, lambda: db.next('train'),
-              lambda: evaluation_tasks(db, split, args.eval_tasks, k_eval, maml), args, split=split)
+              lambda: evaluation_tasks(eval_db, split, args.eval_tasks, k_eval, maml), args, split=split)
     if split == 'val':
-        report_test(run, lambda best: evaluation_tasks(db, 'test', args.test_tasks, k_eval, best),
+        report_test(run, lambda best: evaluation_tasks(eval_db, 'test', args.test_tasks, k_eval, best),
                     args.test_tasks, device)
 
 

@@ -7,6 +7,9 @@ evaluation as mean +- 95% confidence interval, and the training loop. The files 
     args = parse_args(parser, 'omniglot')   # preset, checkpoint settings on --resume, checks
     ...
     run = fit(maml, loader, next_train_batch, validate, args, split='val')
+
+Under torchrun the same code trains on several processes (distributed.py): setup_device joins the
+process group, fit and evaluate share out the work, and only rank 0 prints and writes files.
 """
 import argparse
 import copy
@@ -19,6 +22,7 @@ import scipy.stats
 import torch
 from tqdm import tqdm
 
+import distributed
 from checkpoints import RunDir, atomic_save
 from errors import FlagError, RunError, UserError
 from meta import Meta, load_checkpoint
@@ -146,12 +150,15 @@ def check_args(args):
 
 
 def setup_device(args):
-    """The torch.device of --device, seeded; on CUDA with the cuDNN autotuner and TF32 on."""
+    """The torch.device of --device, seeded; on CUDA with the cuDNN autotuner and TF32 on. Under
+    torchrun, this process joins the process group and gets its rank's device (distributed.init)."""
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise FlagError(f"--device {args.device} was asked for but this machine has no CUDA GPU; use --device cpu.")
     if args.amp and device.type != 'cuda':
         raise FlagError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU.")
+    device = distributed.init(device)
+    distributed.local_tasks(args.task_num)   # refuses a meta-batch that does not split over the ranks
     torch.manual_seed(args.seed)
     if device.type == 'cuda':
         tune_cuda()
@@ -183,15 +190,26 @@ def mean_ci(accs):
     return accs.mean(0).numpy(), half.numpy()
 
 
+def progress_bar(**kwargs):
+    """A tqdm bar on rank 0 (when stderr is a terminal); none on the other ranks."""
+    return tqdm(disable=None if distributed.is_main() else True, **kwargs)
+
+
 def evaluate(maml, next_batch, n_tasks, desc='evaluating'):
-    """Query accuracy after each fine-tuning step on `n_tasks` tasks: a numpy array [n_tasks, steps+1]."""
-    accs, n = [], 0
-    with tqdm(total=n_tasks, desc=desc, unit='task', leave=False, disable=None) as bar:
+    """Query accuracy after each fine-tuning step on `n_tasks` tasks: a numpy array [n_tasks, steps+1].
+    With several ranks each draws every batch, so that all see the same tasks, but fine-tunes only
+    every world_size-th; the accuracies are gathered back in the order drawn, so every rank returns
+    what one process would."""
+    accs, n, batch_index = [], 0, 0
+    with progress_bar(total=n_tasks, desc=desc, unit='task', leave=False) as bar:
         while n < n_tasks:
-            accs.append(maml.finetune(*next_batch()))
-            bar.update(min(len(accs[-1]), n_tasks - n))
-            n += len(accs[-1])
-    return torch.cat(accs)[:n_tasks].cpu().numpy()
+            batch = next_batch()
+            if batch_index % distributed.world_size() == distributed.rank():
+                accs.append(maml.finetune(*batch))
+            bar.update(min(len(batch[0]), n_tasks - n))
+            n += len(batch[0])
+            batch_index += 1
+    return torch.cat(distributed.gather_in_order(accs))[:n_tasks].cpu().numpy()
 
 
 def format_accs(accs):
@@ -204,7 +222,18 @@ def format_duration(seconds):
 
 
 def open_run(args, sampler):
-    """The run folder, locked, with the resumed state loaded into `sampler`; (run, start step, elapsed s)."""
+    """The run folder, locked, with the resumed state loaded into `sampler`; (run, start step, elapsed s).
+    Only rank 0 opens the folder; the other ranks get a distributed.FollowerRun."""
+    run = distributed.on_main(lambda: open_run_dir(args)) or distributed.FollowerRun(args.save_dir)
+    ckpt = args.resume_ckpt
+    if ckpt is None:
+        return run, 0, 0.0
+    distributed.load_sampler_state(sampler, ckpt)
+    return run, ckpt['step'], ckpt.get('elapsed_s', 0.0)
+
+
+def open_run_dir(args):
+    """The locked RunDir of --save_dir, checked to be empty or, on --resume, rolled back to its step."""
     run = RunDir(args.save_dir, args.keep)
     ckpt = args.resume_ckpt
     if ckpt is None:
@@ -212,7 +241,7 @@ def open_run(args, sampler):
             run.close()
             raise RunError(f"{args.save_dir} already holds checkpoints of an earlier run; continue it with "
                            f"--resume {run.path('last.pth')}, or pass another --save_dir.")
-        return run, 0, 0.0
+        return run
     if run.holds(args.resume):
         run.rollback(ckpt['step'])
     elif run.is_empty():
@@ -221,9 +250,7 @@ def open_run(args, sampler):
         run.close()
         raise RunError(f"--save_dir {args.save_dir} holds another run's checkpoints, not those of "
                        f"{args.resume}; resume into the folder it came from or into an empty --save_dir.")
-    if 'sampler' in ckpt:
-        sampler.load_state_dict(ckpt['sampler'])
-    return run, ckpt['step'], ckpt.get('elapsed_s', 0.0)
+    return run
 
 
 def check_loss(loss, step, n_way):
@@ -243,12 +270,12 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
     if args.resume_ckpt is not None:
         maml.load_state(args.resume_ckpt)   # weights, optimizer, the family's extras and schedule
         print(f'resumed from {args.resume} at step {start}')
+    distributed.attach(maml)
     images_per_step = args.task_num * args.n_way * (args.k_spt + args.k_qry)
     train_acc, ms_per_step = math.nan, math.nan
     run_start, tic, tic_step = time.perf_counter(), time.perf_counter(), start
     step = start
-    bar = tqdm(total=args.epoch, initial=start, desc='meta-training', unit='step', disable=None,
-               dynamic_ncols=True)
+    bar = progress_bar(total=args.epoch, initial=start, desc='meta-training', unit='step', dynamic_ncols=True)
     try:
         for step in range(start + 1, args.epoch + 1):
             log = step % args.log_every == 0
@@ -258,6 +285,7 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
             maml.meta_update(loss)
             bar.update()
             if log or evaluate_now or estimate or step == start + 1:   # the only steps that wait for the device
+                loss, accs = distributed.mean_over_ranks(loss.detach(), accs)   # the whole meta-batch's
                 loss = loss.item()
                 check_loss(loss, step, args.n_way)
             if step == start + 1:
@@ -278,11 +306,11 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
                 log_line(bar, f'step {step:6d}  {split} acc {acc:.4f} +- {ci:.4f} over {args.eval_tasks} tasks '
                               f'({time.perf_counter() - t:.1f} s)  by step: {format_accs(mean)}')
                 wall = elapsed + time.perf_counter() - run_start
-                ckpt = maml.checkpoint(step=step, acc=acc, ci=ci, split=split, sampler=sampler.state_dict(),
-                                       args=plain_dict(args), elapsed_s=wall)
-                run.save(ckpt, row={'step': step, 'train_acc': train_acc, f'{split}_acc': acc,
-                                    f'{split}_ci': ci, 'ms_per_step': ms_per_step, 'elapsed_s': round(wall, 1)})
-                draw_learning_curve(run.dir)
+                ckpt = maml.checkpoint(step=step, acc=acc, ci=ci, split=split, args=plain_dict(args), elapsed_s=wall,
+                                       **distributed.sampler_states(sampler))
+                row = {'step': step, 'train_acc': train_acc, f'{split}_acc': acc, f'{split}_ci': ci,
+                       'ms_per_step': ms_per_step, 'elapsed_s': round(wall, 1)}
+                distributed.on_main(lambda: record(run, ckpt, row))
                 tic, tic_step = time.perf_counter(), step
     except KeyboardInterrupt:
         saved = os.path.exists(run.path('last.pth'))
@@ -308,6 +336,12 @@ def print_estimate(seconds_per_step, step, args, device):
           f'{first_eval} (in about {format_duration(max(first_eval - step, 0) * seconds_per_step)}).', flush=True)
 
 
+def record(run, ckpt, row):
+    """Save an evaluation's checkpoint and metrics row, and redraw the learning curve."""
+    run.save(ckpt, row)
+    draw_learning_curve(run.dir)
+
+
 def draw_learning_curve(folder):
     """learning_curve.png beside metrics.csv, when matplotlib is installed (plot.py)."""
     try:
@@ -319,10 +353,13 @@ def draw_learning_curve(folder):
 
 def report_test(run, test_accs, n_tasks, device):
     """Evaluate the selected model, best.pth, once on the test split: `test_accs(maml)` returns
-    accs [tasks, steps+1]. Prints the result and adds it to best.pth as test_acc and test_ci."""
+    accs [tasks, steps+1]. Prints the result and adds it to best.pth as test_acc and test_ci.
+    With several ranks, all evaluate their share of the tasks, and rank 0 writes."""
     best_path = run.path('best.pth')
-    selected = load_checkpoint(best_path, map_location=device)
+    selected = distributed.load_shared_checkpoint(best_path, map_location=device)
     mean, half = mean_ci(test_accs(Meta.from_state(selected)))
+    if not distributed.is_main():
+        return
     print(f"test acc of best.pth (step {selected['step']}, {selected['split']} acc {selected['acc']:.4f}): "
           f"{mean[-1]:.4f} +- {half[-1]:.4f} over {n_tasks} tasks  by step: {format_accs(mean)}")
     atomic_save({**selected, 'test_acc': float(mean[-1]), 'test_ci': float(half[-1]),
@@ -336,12 +373,14 @@ def plain_dict(args):
 def run_main(main):
     """Run `main()`; a problem this project names (errors.UserError: flags, data, files, a diverged
     run) ends in its one-sentence message, anything else in its traceback (MAML_TRACEBACK=1 shows
-    the traceback for the named problems too)."""
+    the traceback for the named problems too). Under torchrun only rank 0 prints the message."""
     try:
         main()
     except UserError as e:
         if os.environ.get('MAML_TRACEBACK'):
             raise
-        sys.exit(f'error: {e}')
+        sys.exit(f'error: {e}' if distributed.is_main() else 1)
     except KeyboardInterrupt:
         sys.exit('interrupted before training started; nothing was written.')
+    finally:
+        distributed.leave()

@@ -1,0 +1,174 @@
+"""Data-parallel training on two gloo ranks, spawned here as torchrun would start them, against one process."""
+import os
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import distributed
+import trainer
+from checkpoints import read_metrics
+from errors import FlagError, MissingError, RunError
+from test_checkpoints import ListLoader, fit_args
+from test_meta import TASKS, flat, make_meta, make_tasks, rel_err
+
+RANKS = 2
+LIMIT_S = 300   # a rank waiting for one that never comes would otherwise hang the suite
+
+
+def run_ranks(worker, *args):
+    """worker(rank, *args) in RANKS processes that join one process group through torchrun's
+    environment variables and distributed.init, as the training scripts do."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    ranks = mp.spawn(_as_rank, args=(port, worker, args), nprocs=RANKS, join=False)
+    deadline = time.monotonic() + LIMIT_S
+    while not ranks.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail(f'{RANKS} ranks did not finish within {LIMIT_S} s: some rank waits for another')
+
+
+def _as_rank(rank, port, worker, args):
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(RANKS),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(RANKS))
+    distributed.init('cpu')
+    try:
+        worker(rank, *args)
+    finally:
+        distributed.leave()
+
+
+def meta_batches():
+    """Two successive meta-batches of RANKS * TASKS tasks each."""
+    return [[torch.cat(parts) for parts in zip(*(make_tasks(seed + r) for r in range(RANKS)))] for seed in (1, 5)]
+
+
+def shard(batch, rank):
+    return [t[rank * TASKS:(rank + 1) * TASKS] for t in batch]
+
+
+def meta_steps_worker(rank, out):
+    results = {}
+    for first_order in (False, True):
+        maml = make_meta(update_step=1, first_order=first_order, seed=rank)   # attach gives rank 0's weights
+        distributed.attach(maml)
+        for batch in meta_batches():
+            loss, accs = maml.meta_loss(*shard(batch, rank))
+            maml.meta_update(loss)
+        loss, accs = distributed.mean_over_ranks(loss.detach(), accs)
+        results[first_order] = {'params': [p.detach() for p in maml.net.parameters()],
+                                'grads': [p.grad for p in maml.net.parameters()], 'loss': loss, 'accs': accs}
+    torch.save(results, os.path.join(out, f'rank{rank}.pt'))
+
+
+def test_two_ranks_take_the_meta_steps_of_one_process_with_the_whole_meta_batch(tmp_path):
+    run_ranks(meta_steps_worker, str(tmp_path))
+    for first_order in (False, True):
+        maml = make_meta(update_step=1, first_order=first_order)
+        for batch in meta_batches():
+            loss, accs = maml.meta_loss(*batch)
+            maml.meta_update(loss)
+        for rank in range(RANKS):
+            got = torch.load(tmp_path / f'rank{rank}.pt', weights_only=True)[first_order]
+            assert rel_err(flat(got['grads']), flat([p.grad for p in maml.net.parameters()])) < 1e-10
+            assert rel_err(flat(got['params']), flat(list(maml.net.parameters())).detach()) < 1e-10
+            assert abs(got['loss'].item() - loss.item()) < 1e-12 * loss.item()
+            assert torch.allclose(got['accs'], accs, rtol=0, atol=1e-6)   # float32 means of 0/1
+
+
+def eval_stream():
+    """next_batch() over a fixed sequence of batches of TASKS random tasks."""
+    seeds = iter(range(100, 200))
+    return lambda: make_tasks(next(seeds))
+
+
+EVAL_TASKS = 3 * TASKS + 1   # four batches, the last one cut to one task
+
+
+def evaluate_worker(rank, out):
+    maml, finetuned = make_meta(), []
+    finetune = maml.finetune
+    maml.finetune = lambda *batch: finetuned.append(len(batch[0])) or finetune(*batch)
+    accs = trainer.evaluate(maml, eval_stream(), EVAL_TASKS)
+    torch.save({'accs': torch.from_numpy(accs), 'finetuned': finetuned}, os.path.join(out, f'rank{rank}.pt'))
+
+
+def test_a_sharded_evaluation_gives_the_accuracies_of_one_process(tmp_path):
+    run_ranks(evaluate_worker, str(tmp_path))
+    alone = trainer.evaluate(make_meta(), eval_stream(), EVAL_TASKS)
+    assert alone.shape == (EVAL_TASKS, make_meta().update_step_test + 1) and len(np.unique(alone[:, -1])) > 1
+    for rank in range(RANKS):
+        got = torch.load(tmp_path / f'rank{rank}.pt', weights_only=True)
+        assert np.array_equal(got['accs'].numpy(), alone)
+        assert got['finetuned'] == [TASKS, TASKS], 'each rank fine-tunes only its half of the four batches'
+
+
+def rank_loader(rank):
+    """The stand-in loader with this rank's own episodes and its own stream position."""
+    loader = ListLoader()
+    loader.tasks, loader.calls = make_tasks(1 + rank), 100 * rank
+    return loader
+
+
+def fit_on(save_dir, epoch, loader, resume=None):
+    maml, eval_batch = make_meta(), make_tasks(9)
+    validate = lambda: trainer.evaluate(maml, lambda: eval_batch, RANKS * TASKS)
+    trainer.fit(maml, loader, loader.next, validate,
+                fit_args(save_dir, epoch, resume, task_num=RANKS * TASKS)).close()
+    return [p.detach() for p in maml.net.parameters()]
+
+
+def fit_worker(rank, out):
+    with pytest.raises(FlagError, match='--task_num 5 cannot be split evenly over 2 ranks'):
+        distributed.local_tasks(5)
+    straight = fit_on(os.path.join(out, 'a'), 6, rank_loader(rank))
+    fit_on(os.path.join(out, 'b'), 4, rank_loader(rank))
+    loader = rank_loader(rank)
+    resumed = fit_on(os.path.join(out, 'b'), 6, loader, resume=os.path.join(out, 'b', 'last.pth'))
+    nan_loader = rank_loader(rank)
+    if rank == 1:
+        nan_loader.tasks = (nan_loader.tasks[0] * float('nan'), *nan_loader.tasks[1:])
+    errors = {}
+    for name, save_dir, bad_loader in [('nan', 'c', nan_loader), ('occupied', 'a', rank_loader(rank))]:
+        try:
+            fit_on(os.path.join(out, save_dir), 4, bad_loader)
+        except RunError as e:
+            errors[name] = str(e)
+    try:
+        with distributed.in_turn():   # how the scripts load their data
+            if rank == 0:
+                raise MissingError('no data here')
+    except MissingError as e:
+        errors['data'] = str(e)
+    torch.save({'straight': straight, 'resumed': resumed, 'calls': loader.calls, 'errors': errors},
+               os.path.join(out, f'rank{rank}.pt'))
+
+
+def test_two_ranks_write_one_run_that_resumes_on_two_ranks_or_one(tmp_path):
+    run_ranks(fit_worker, str(tmp_path))
+    ranks = [torch.load(tmp_path / f'rank{rank}.pt', weights_only=True) for rank in range(RANKS)]
+    for rank, got in enumerate(ranks):
+        assert all(torch.equal(p, q) for p, q in zip(got['straight'], ranks[0]['straight']))
+        assert all(torch.equal(p, q) for p, q in zip(got['resumed'], got['straight'])), 'resume on the same ranks'
+        assert got['calls'] == 100 * rank + 6, "each rank's stream goes on from its own saved state"
+        assert 'meta-loss became nan at step 1' in got['errors']['nan'], 'every rank stops, none waits'
+        assert 'already holds checkpoints' in got['errors']['occupied']
+        assert got['errors']['data'] == 'no data here', "rank 0's problem stops rank 1 before its turn"
+    folder = tmp_path / 'b'
+    assert [r['step'] for r in read_metrics(folder)] == ['2', '4', '6'], 'one row per evaluation'
+    assert len([f for f in os.listdir(folder) if f.startswith('maml_step')]) == 2, 'keep=2 ranked checkpoints'
+    assert not [f for f in os.listdir(folder) if f.endswith('.tmp')]
+    last = torch.load(folder / 'last.pth', weights_only=True)
+    assert last['rank_samplers'] == [{'calls': 6}, {'calls': 106}] and last['sampler'] == {'calls': 6}
+    assert not os.path.exists(tmp_path / 'c' / 'last.pth')
+
+    alone = rank_loader(0)   # the same run resumed by one process: rank 0's stream goes on
+    fit_on(folder, 8, alone, resume=str(folder / 'last.pth'))
+    assert alone.calls == 8 and [r['step'] for r in read_metrics(folder)] == ['2', '4', '6', '8']
+    assert 'rank_samplers' not in torch.load(folder / 'last.pth', weights_only=True)
