@@ -55,7 +55,7 @@ from meta import Meta
 from MiniImagenet import MiniImagenetCache
 from omniglotNShot import OmniglotNShot
 from presets import DEFAULTS, PRESETS
-from trainer import device_name, tune_cuda
+from trainer import device_name, tune_cpu, tune_cuda
 
 def workload_settings(dataset, preset=None):
     """The flags of a training script's defaults, or of one of its presets (presets.py)."""
@@ -315,6 +315,8 @@ def main():
         torch.set_num_threads(args.threads)
     if device.type == 'cuda':
         tune_cuda()   # as the training scripts do
+    else:
+        tune_cpu()
     if args.row:
         print(json.dumps(time_row(*args.row, device, args.omniglot, args.quick)))
         return

@@ -118,7 +118,8 @@ class ListLoader:
 def fit_args(save_dir, epoch, resume=None, **flags):
     """What parse_args gives the loop, for the float64 stand-in problem of test_meta."""
     args = argparse.Namespace(epoch=epoch, task_num=3, n_way=4, k_spt=2, k_qry=3, log_every=2, eval_every=2,
-                              eval_tasks=3, save_dir=str(save_dir), keep=2, resume=resume, resume_ckpt=None)
+                              eval_tasks=3, save_dir=str(save_dir), keep=2, resume=resume, resume_ckpt=None,
+                              time_budget=None)
     if resume:
         args.resume_ckpt = load_checkpoint(resume)
     vars(args).update(flags)
@@ -145,6 +146,15 @@ def test_resume_continues_where_it_stopped_and_a_fresh_run_never_overwrites(tmp_
     assert [r['step'] for r in rows] == ['2', '4', '6']
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
     assert last['step'] == 6 and torch.equal(last['model']['vars.0'], maml.net.vars[0].detach())
+
+
+def test_a_time_budget_ends_the_run_with_an_evaluation(tmp_path):
+    maml, loader = make_meta(), ListLoader()
+    args = fit_args(tmp_path, epoch=1000, log_every=3, eval_every=100, time_budget=1e-9)
+    fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(), args).close()
+    assert loader.calls == 3, 'the first logging step is past any budget'
+    assert [r['step'] for r in checkpoints.read_metrics(tmp_path)] == ['3']
+    assert torch.load(tmp_path / 'last.pth', weights_only=True)['step'] == 3
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
@@ -246,6 +256,7 @@ def test_resume_takes_the_runs_settings_and_refuses_to_change_them(tmp_path):
     (['--n_way', '1'], '--n_way must be at least 2'),
     (['--k_qry_test', '0'], '--k_qry_test is 0 but must be at least 1'),
     (['--grad_clip', '-1'], '--grad_clip is -1.0'),
+    (['--time_budget', '0'], '--time_budget is 0.0 minutes but must be positive'),
 ])
 def test_impossible_flags_are_refused_by_name(flags, problem):
     with pytest.raises(FlagError, match=problem):
