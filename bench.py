@@ -21,6 +21,8 @@ each second- (so) and first-order (fo). Implementations:
     meta+amp      Meta under bf16 autocast (CUDA only)
     meta+compile  Meta with torch.compile, mode 'default'
     meta+graphs   Meta with torch.compile, mode 'reduce-overhead': CUDA graphs (CUDA only)
+    anil, metasgd, reptile, maml++   the MAML family's algorithms in Meta (maml++ while its
+                  multi-step loss is on; after that it costs what meta costs)
 A row times whole steps, episode sampling included: the median over repeats after warm-up, each
 row in a fresh process, so its peak memory (CUDA max_memory_allocated, else peak RSS) is its own,
 warm-up (and any CUDA-graph capture) included.
@@ -68,7 +70,10 @@ WORKLOADS = {
     'omniglot-paper': workload_settings('omniglot', 'paper-5w1s'),     # the paper's 5-way 1-shot
     'mini-5w1s': workload_settings('miniimagenet'),
 }
-IMPLS = ['seed', 'reference', 'meta', 'meta+matmul', 'meta+amp', 'meta+compile', 'meta+graphs']
+# the MAML family on the same engine (family.py); maml++ with its multi-step loss on, its costly phase
+FAMILY = {'anil': dict(algo='anil'), 'metasgd': dict(algo='metasgd'), 'reptile': dict(algo='reptile'),
+          'maml++': dict(msl_steps=10 ** 9, lslr=True, bnwb=True, bnrs=True, cosine=True, total_steps=10 ** 6)}
+IMPLS = ['seed', 'reference', 'meta', 'meta+matmul', 'meta+amp', 'meta+compile', 'meta+graphs', *FAMILY]
 CUDA_ONLY = {'meta+amp', 'meta+graphs'}
 
 
@@ -154,7 +159,7 @@ def seed_step(maml, forward, x_spt, y_spt, x_qry, y_qry):
 def build(workload, order, impl, device, omniglot_root):
     """(maml, next_batch) for one row."""
     hp = WORKLOADS[workload]
-    args = argparse.Namespace(**hp, first_order=order == 'fo', amp=impl == 'meta+amp')
+    args = argparse.Namespace(**hp, **FAMILY.get(impl, {}), first_order=order == 'fo', amp=impl == 'meta+amp')
     if impl == 'seed':
         if not workload.startswith('omniglot'):
             raise RuntimeError("the seed's own network is timed on Omniglot only")
@@ -248,7 +253,8 @@ def count_flops(workload, order, omniglot_root):
     batch = next_batch()
     params = dict(maml.net.named_parameters())
     with FlopCount() as counter:
-        losses = [maml._task(params, *(t[i] for t in batch), steps=maml.update_step, track_steps=False)[0]
+        steps = maml.update_step
+        losses = [maml._task(params, *(t[i] for t in batch), steps, (steps,), maml.first_order, True)[0][-1]
                   for i in range(len(batch[0]))]
         torch.stack(losses).mean().backward()
     return counter.flops
