@@ -126,6 +126,8 @@ def parse_args(parser, dataset, argv=None):
             raise FlagError(f"--epoch {args.epoch} is not beyond step {ckpt['step']}, where {args.resume} "
                             f"stopped; pass a larger --epoch to train on.")
         args.resume_ckpt = ckpt
+        if 'save_dir' not in given:   # continue in the folder the checkpoint came from
+            args.save_dir = os.path.dirname(args.resume) or '.'
     elif args.preset:
         for name, value in PRESETS[dataset][args.preset].items():
             if name not in given:

@@ -238,6 +238,7 @@ def test_resume_takes_the_runs_settings_and_refuses_to_change_them(tmp_path):
     parser = make_parser('test', 'omniglot', 'data')
     args = parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '4', '--eval_every', '1'])
     assert (args.meta_lr, args.k_spt, args.eval_every) == (0.003, 2, 1), 'settings from the checkpoint'
+    assert args.save_dir == str(tmp_path), 'a resumed run stays in its folder unless told otherwise'
     for flag, value in [('--meta_lr', '0.01'), ('--k_spt', '1'), ('--update_step', '2'), ('--update_lr', '0.1'),
                         ('--num_filters', '32'), ('--preset', 'paper-5w1s')]:
         with pytest.raises(FlagError, match=f'{flag} {value} differs from the'):
