@@ -17,10 +17,10 @@ import os
 import torch
 
 import distributed
+from flags import make_parser, parse_args
 from meta import Meta
 from MiniImagenet import MiniImagenetCache, check_splits
-from trainer import (device_name, evaluate, fit, make_parser, parse_args, plain_dict, report_test, run_main,
-                     setup_device)
+from trainer import device_name, evaluate, fit, plain_dict, report_test, run_main, setup_device
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'miniimagenet')
 EVAL_SEED = 12345   # the validation tasks of every evaluation, so that checkpoints compare on equal terms
@@ -45,7 +45,7 @@ def evaluation_tasks(split, n_tasks, n_way, k_shot, k_query, maml, seed=EVAL_SEE
 
 
 def build_parser():
-    """The common flags (trainer.make_parser) and mini-ImageNet's own."""
+    """The common flags (flags.make_parser) and mini-ImageNet's own."""
     parser = make_parser(__doc__.strip().splitlines()[0], 'miniimagenet', DATA_ROOT)
     parser.add_argument('--pixel_norm', choices=['imagenet', 'unit'],
                         help="pixel normalisation: 'imagenet' mean/std (the seed) or 'unit', x / 255 only "

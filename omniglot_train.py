@@ -20,10 +20,10 @@ import os
 import torch
 
 import distributed
+from flags import make_parser, parse_args
 from meta import Meta
 from omniglotNShot import OmniglotNShot
-from trainer import (device_name, evaluate, fit, make_parser, parse_args, plain_dict, report_test, run_main,
-                     setup_device)
+from trainer import device_name, evaluate, fit, plain_dict, report_test, run_main, setup_device
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'omniglot')
 EVAL_SEED = 12345   # the evaluation tasks of every evaluation, so that checkpoints compare on equal terms
@@ -54,7 +54,7 @@ def evaluation_tasks(db, mode, n_tasks, k_query, maml, seed=EVAL_SEED):
 
 
 def build_parser():
-    """The common flags (trainer.make_parser) and Omniglot's own."""
+    """The common flags (flags.make_parser) and Omniglot's own."""
     parser = make_parser(__doc__.strip().splitlines()[0], 'omniglot', DATA_ROOT)
     parser.add_argument('--rotate', choices=['none', 'classes', 'per_task'],
                         help="rotation augmentation of training characters: 'per_task' gives each class of "

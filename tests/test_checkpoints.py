@@ -7,12 +7,12 @@ import pytest
 import torch
 
 import checkpoints
-import trainer
 from checkpoints import RunDir, atomic_save
 from errors import DamagedError, FlagError, MissingError, RunError
+from flags import make_parser, parse_args
 from meta import Meta, load_checkpoint
 from test_meta import make_meta, make_tasks
-from trainer import fit, make_parser, parse_args
+from trainer import fit
 
 
 def test_round_trip_rebuilds_an_identical_model(tmp_path):

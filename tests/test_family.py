@@ -1,5 +1,4 @@
 """The MAML family (family.py options of meta.py's engine) against independent float64 references."""
-import argparse
 import math
 
 import pytest
@@ -239,7 +238,7 @@ def test_contradictory_options_are_named(options, problem):
 
 
 def test_the_training_flags_reach_meta_and_cosine_anneals_over_epoch():
-    from trainer import make_parser, parse_args
+    from flags import make_parser, parse_args
     args = parse_args(make_parser('test', 'omniglot', 'data'), 'omniglot', [
         '--epoch', '40', '--algo', 'anil', '--msl_steps', '7', '--lslr', '--bnwb', '--bnrs', '--cosine',
         '--min_meta_lr', '1e-4'])

@@ -4,7 +4,7 @@ import pytest
 from presets import PRESETS
 import miniimagenet_train
 import omniglot_train
-from trainer import parse_args
+from flags import parse_args
 
 # cbfinn/maml README (../shared/REFERENCE.md): every command runs 60,000 meta-iterations; the
 # official loss is n_way times a mean cross-entropy's, so update_lr here = official update_lr * n_way.
