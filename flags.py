@@ -21,8 +21,11 @@ from presets import DEFAULTS, PRESETS
 
 # Flags a resumed run may change: where and how fast it runs, how long, how often it reports. Any
 # other flag defines the run, so it is taken from the checkpoint, and giving it another value is refused.
+# Those of OPERATIONAL that are not given are taken from the checkpoint too, except the machine's
+# own (MACHINE): they keep this machine's defaults, so a GPU run resumes on a CPU-only one.
 OPERATIONAL = {'epoch', 'time_budget', 'log_every', 'eval_every', 'device', 'data', 'save_dir', 'resume',
                'compile', 'amp', 'test_tasks', 'keep'}
+MACHINE = {'device', 'compile', 'amp', 'resume', 'save_dir'}
 MIN_IMGSZ = 16   # both networks halve the image four times
 
 
@@ -104,7 +107,7 @@ def parse_args(parser, dataset, argv=None):
             raise FlagError(f"{args.resume} was not written by {dataset}'s training script, so it "
                             f"cannot be resumed here; use the script that wrote it.")
         for name, value in saved.items():
-            if name in OPERATIONAL or not hasattr(args, name):
+            if name in MACHINE or not hasattr(args, name) or (name in OPERATIONAL and name in given):
                 continue
             if name in given and getattr(args, name) != value:
                 raise FlagError(f"--{name} {getattr(args, name)} differs from the {value} that {args.resume} "

@@ -237,10 +237,10 @@ def log_line(bar, text):
 
 def print_estimate(seconds_per_step, step, args, device):
     left = args.epoch - step
-    first_eval = min(args.eval_every, args.epoch)
+    next_eval = min((step // args.eval_every + 1) * args.eval_every, args.epoch)
     print(f'{seconds_per_step * 1e3:.0f} ms/step on {device_name(device)}: the {left} steps left take about '
-          f'{format_duration(left * seconds_per_step)} without evaluations; first evaluation at step '
-          f'{first_eval} (in about {format_duration(max(first_eval - step, 0) * seconds_per_step)}).', flush=True)
+          f'{format_duration(left * seconds_per_step)} without evaluations; next evaluation at step '
+          f'{next_eval} (in about {format_duration((next_eval - step) * seconds_per_step)}).', flush=True)
 
 
 def record(run, ckpt, row):

@@ -244,8 +244,9 @@ def test_resume_takes_the_runs_settings_and_refuses_to_change_them(tmp_path):
         with pytest.raises(FlagError, match=f'{flag} {value} differs from the'):
             parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '4', flag, value])
     assert parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '4', '--k_spt', '2']).k_spt == 2
-    with pytest.raises(FlagError, match='--epoch 2 is not beyond step 2'):
-        parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '2'])
+    for epoch in (['--epoch', '2'], []):   # without --epoch, the checkpoint's: the run is complete
+        with pytest.raises(FlagError, match='--epoch 2 is not beyond step 2'):
+            parse_args(parser, 'omniglot', ['--resume', last, *epoch])
     with pytest.raises(FlagError, match="was not written by miniimagenet's training script"):
         parse_args(make_parser('test', 'miniimagenet', 'data'), 'miniimagenet', ['--resume', last, '--epoch', '4'])
 
