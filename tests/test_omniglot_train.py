@@ -78,15 +78,15 @@ def test_training_learns_selects_on_validation_and_evaluate_py_reproduces_its_re
 @pytest.mark.slow
 def test_a_short_paper_preset_run_learns(omniglot_root, tmp_path):
     """The official 5-way 1-shot protocol (1 + 1 images per class, one inner step at update_lr 2.0,
-    binary inverted images, a rotation per class and task), narrowed to fit a test."""
-    run = train('--preset', 'paper-5w1s', '--data', omniglot_root, '--save_dir', str(tmp_path), '--epoch', '200',
-                '--task_num', '8', '--num_filters', '32', '--log_every', '50', '--eval_every', '200',
+    binary inverted images, a rotation per class and task), narrowed and sped up to fit a test."""
+    run = train('--preset', 'paper-5w1s', '--data', omniglot_root, '--save_dir', str(tmp_path), '--epoch', '400',
+                '--task_num', '8', '--num_filters', '32', '--meta_lr', '1e-2', '--log_every', '50', '--eval_every', '200',
                 '--eval_tasks', '300', '--test_tasks', '300', '--device', 'cpu')
     assert run.returncode == 0, run.stderr
     best = torch.load(tmp_path / 'best.pth', weights_only=True)
-    print(f"\npaper-5w1s preset, 200 steps: test acc {best['test_acc']:.4f} +- {best['test_ci']:.4f}")
+    print(f"\npaper-5w1s preset, 400 steps: test acc {best['test_acc']:.4f} +- {best['test_ci']:.4f}")
     assert best['args']['k_qry'] == 1 and best['args']['rotate'] == 'per_task'
-    assert best['test_acc'] - best['test_ci'] > 0.4, 'well above 5-way chance after 200 steps'
+    assert best['test_acc'] - best['test_ci'] > 0.45, 'well above 5-way chance after 400 steps'
 
 
 def test_ranking_on_test_characters_is_said_plainly(omniglot_root, tmp_path):
