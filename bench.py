@@ -57,7 +57,7 @@ from meta import Meta
 from MiniImagenet import MiniImagenetCache
 from omniglotNShot import OmniglotNShot
 from presets import DEFAULTS, PRESETS
-from trainer import device_name, tune_cpu, tune_cuda
+from trainer import device_name, tune
 
 def workload_settings(dataset, preset=None):
     """The flags of a training script's defaults, or of one of its presets (presets.py)."""
@@ -319,10 +319,7 @@ def main():
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == 'cuda':
-        tune_cuda()   # as the training scripts do
-    else:
-        tune_cpu()
+    tune(device)   # as the training scripts do
     if args.row:
         print(json.dumps(time_row(*args.row, device, args.omniglot, args.quick)))
         return

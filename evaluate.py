@@ -27,7 +27,7 @@ from errors import FlagError
 from meta import Meta, load_checkpoint
 from MiniImagenet import MiniImagenetCache
 from presets import DEFAULTS
-from trainer import device_name, evaluate, format_accs, mean_ci, run_main, tune_cpu, tune_cuda
+from trainer import device_name, evaluate, format_accs, mean_ci, run_main, tune
 
 EVAL_BATCH = miniimagenet_train.EVAL_BATCH   # the same batches as the script's report: the same tasks
 
@@ -105,10 +105,7 @@ def main(argv=None):
     if flags.tasks < 2:
         raise FlagError(f"--tasks {flags.tasks} gives no confidence interval; use at least 2 (the paper: 600).")
     device = torch.device(flags.device)
-    if device.type == 'cuda':
-        tune_cuda()
-    else:
-        tune_cpu()
+    tune(device)
     ckpt = load_checkpoint(flags.checkpoint, map_location=device)
     settings = settings_of(ckpt, flags.checkpoint, flags)
     maml = Meta.from_state(ckpt)

@@ -40,18 +40,23 @@ def setup_device(args):
     device = distributed.init(device)
     distributed.local_tasks(args.task_num)   # refuses a meta-batch that does not split over the ranks
     torch.manual_seed(args.seed)
+    tune(device)
+    return device
+
+
+def tune(device):
+    """The speed settings of `device`'s kind: tune_cuda or tune_cpu."""
     if device.type == 'cuda':
         tune_cuda()
     else:
         tune_cpu()
-    return device
 
 
 def tune_cpu():
     """Keep freed memory in the heap (glibc only). By default glibc maps each block of more than
     128 kB to 32 MB afresh and returns it when freed, so every activation tensor of a meta-step (tens
     of MB at the seed's defaults) is page-faulted in again at every step; with the heap kept, a
-    second-order Omniglot step ran 1.1-1.5x faster on a 2-core AMD EPYC (README, Speed)."""
+    second-order Omniglot step ran 1.1-1.8x faster on a 2-core AMD EPYC (README, Speed)."""
     try:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:   # another C library (macOS, musl): left as it is
