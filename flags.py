@@ -22,10 +22,11 @@ from presets import DEFAULTS, PRESETS
 # Flags a resumed run may change: where and how fast it runs, how long, how often it reports. Any
 # other flag defines the run, so it is taken from the checkpoint, and giving it another value is refused.
 # Those of OPERATIONAL that are not given are taken from the checkpoint too, except the machine's
-# own (MACHINE): they keep this machine's defaults, so a GPU run resumes on a CPU-only one.
+# own (MACHINE): they keep this machine's defaults, so a GPU run resumes on a CPU-only one, and a
+# budget of lent time given to one part of a run does not end the next part.
 OPERATIONAL = {'epoch', 'time_budget', 'log_every', 'eval_every', 'device', 'data', 'save_dir', 'resume',
                'compile', 'amp', 'test_tasks', 'keep'}
-MACHINE = {'device', 'compile', 'amp', 'resume', 'save_dir'}
+MACHINE = {'device', 'compile', 'amp', 'resume', 'save_dir', 'time_budget'}
 MIN_IMGSZ = 16   # both networks halve the image four times
 
 
@@ -37,8 +38,9 @@ def make_parser(description, dataset, data_root):
                    help="all settings of one of the paper's experiments (presets.py); explicit flags override")
     p.add_argument('--epoch', type=int, help='meta-training steps')
     p.add_argument('--time_budget', type=float,
-                   help='minutes of wall-clock time (evaluations included) after which the run evaluates, '
-                        'saves and ends as at --epoch; checked at logging steps')
+                   help='minutes of wall-clock time of this invocation (evaluations included, earlier parts '
+                        'of a resumed run not) after which the run evaluates, saves and ends as at --epoch; '
+                        'checked at logging steps')
     p.add_argument('--n_way', type=int, help='classes per task')
     p.add_argument('--k_spt', type=int, help='support images per class')
     p.add_argument('--k_qry', type=int, help='query images per class in training')

@@ -192,7 +192,7 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
                 tic_estimate = time.perf_counter()   # the first step includes warm-up (and compilation)
             if estimate:
                 print_estimate((time.perf_counter() - tic_estimate) / 2, step, args, device)
-            out_of_time = log and over_budget(args.time_budget, elapsed + time.perf_counter() - run_start)
+            out_of_time = log and over_budget(args.time_budget, time.perf_counter() - run_start)
             if log:
                 accs = accs.tolist()
                 train_acc = accs[-1]

@@ -157,6 +157,20 @@ def test_a_time_budget_ends_the_run_with_an_evaluation(tmp_path):
     assert torch.load(tmp_path / 'last.pth', weights_only=True)['step'] == 3
 
 
+def test_a_time_budget_counts_this_invocation_only_and_is_not_inherited(tmp_path):
+    last = saved_run(tmp_path, '--time_budget', '1e-9')
+    assert torch.load(last, weights_only=True)['step'] == 1, 'the budget ended the first part'
+    ckpt = torch.load(last, weights_only=True)
+    ckpt['elapsed_s'] = 1e9   # earlier parts of the run took far longer than any budget below
+    atomic_save(ckpt, last)
+    parser = make_parser('test', 'omniglot', 'data')
+    assert parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '4']).time_budget is None
+    args = parse_args(parser, 'omniglot', ['--resume', last, '--epoch', '4', '--time_budget', '60'])
+    maml, loader = make_meta(), ListLoader()
+    fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(), args).close()
+    assert torch.load(last, weights_only=True)['step'] == 4, 'a fresh budget for the resumed part'
+
+
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     straight, _ = run_fit(tmp_path / 'a', epoch=6)
     run_fit(tmp_path / 'b', epoch=4)
