@@ -29,6 +29,7 @@ from MiniImagenet import MiniImagenetCache
 from presets import DEFAULTS
 from trainer import device_name, evaluate, format_accs, mean_ci, run_main, tune
 
+DATA_ROOTS = {'omniglot': omniglot_train.DATA_ROOT, 'miniimagenet': miniimagenet_train.DATA_ROOT}
 EVAL_BATCH = miniimagenet_train.EVAL_BATCH   # the same batches as the script's report: the same tasks
 
 
@@ -57,6 +58,8 @@ def settings_of(ckpt, path, flags):
     for name in ('data', 'n_way', 'k_spt', 'k_qry_test', 'update_step_test', 'seed'):
         if getattr(flags, name) is not None:
             setattr(settings, name, getattr(flags, name))
+    if flags.data is None and not os.path.exists(settings.data):   # trained on another machine
+        settings.data = DATA_ROOTS[settings.dataset]
     head = ckpt['config'][-1]
     if head[0] != 'linear' or settings.n_way > head[1][0]:
         raise FlagError(f"{path} ends in a head of {head[1][0]} outputs, so it cannot serve "
@@ -89,7 +92,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('checkpoint', help='a .pth written by omniglot_train.py or miniimagenet_train.py')
-    p.add_argument('--data', help="data root (default: the checkpoint's)")
+    p.add_argument('--data', help="data root (default: the checkpoint's, else the training script's DATA_ROOT)")
     p.add_argument('--split', default='test', choices=['test', 'val'], help='split to evaluate on')
     p.add_argument('--tasks', type=int, default=600, help='tasks to average over')
     p.add_argument('--n_way', type=int, help="classes per task (default: the checkpoint's; at most its head's)")
@@ -130,6 +133,8 @@ def main(argv=None):
         result = dict(checkpoint=flags.checkpoint, dataset=settings.dataset, split=flags.split, tasks=flags.tasks,
                       n_way=settings.n_way, k_spt=settings.k_spt, k_qry_test=settings.k_qry_test,
                       update_step_test=settings.update_step_test, seed=settings.seed, ensemble=flags.ensemble,
+                      preset=getattr(settings, 'preset', None), checkpoint_step=ckpt.get('step'),
+                      selected_on=ckpt.get('split'), selection_acc=ckpt.get('acc'),
                       acc_by_step=[float(m) for m in mean], ci_by_step=[float(h) for h in half],
                       device=device_name(device), torch=torch.__version__)
         with open(flags.json, 'w') as f:

@@ -116,6 +116,8 @@ def parse_args(parser, dataset, argv=None):
                                 f"was trained with; a resumed run keeps its settings, so drop --{name} or "
                                 f"start a new run in another --save_dir.")
             setattr(args, name, value)
+        if 'data' not in given and not os.path.exists(args.data):   # the run moved to another machine
+            args.data = parser.get_default('data')
         if args.epoch <= ckpt['step']:
             raise FlagError(f"--epoch {args.epoch} is not beyond step {ckpt['step']}, where {args.resume} "
                             f"stopped; pass a larger --epoch to train on.")

@@ -261,6 +261,8 @@ def test_resume_takes_the_runs_settings_and_refuses_to_change_them(tmp_path):
     for epoch in (['--epoch', '2'], []):   # without --epoch, the checkpoint's: the run is complete
         with pytest.raises(FlagError, match='--epoch 2 is not beyond step 2'):
             parse_args(parser, 'omniglot', ['--resume', last, *epoch])
+    moved = saved_run(tmp_path / 'moved', '--data', str(tmp_path / 'absent'))   # data on another machine
+    assert parse_args(parser, 'omniglot', ['--resume', moved, '--epoch', '4']).data == 'data', "this machine's"
     with pytest.raises(FlagError, match="was not written by miniimagenet's training script"):
         parse_args(make_parser('test', 'miniimagenet', 'data'), 'miniimagenet', ['--resume', last, '--epoch', '4'])
 

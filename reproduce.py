@@ -1,0 +1,190 @@
+"""
+Run the paper's experiments (presets.py) to their end, one part at a time, and collect the results.
+
+    python reproduce.py                                    # where each experiment stands
+    python reproduce.py omniglot/paper-5w5s --minutes 120  # start or continue one for 2 h, then evaluate
+    python reproduce.py next --minutes 8 --device cuda --export $OUT    # the first unfinished one
+
+A run lives in runs/<dataset>-<preset>/. A part starts the run (or resumes it from its last.pth),
+trains for at most --minutes (the training script's --time_budget; the final evaluations come on
+top), and ends as the training script ends: best.pth evaluated once on the test split. Then
+`evaluate.py` scores best.pth again, over the same test tasks, into results/<name>-test.json, and
+the run's metrics.csv and learning curve are copied to results/. A run that has reached its
+--epoch only gets evaluated; `-- --epoch N` extends it. --export DIR copies the run folder and its
+results, in this repository's layout, to DIR: what a lent machine must send back for a later part
+to continue elsewhere (copy them into the repository). Flags after `--` go to the training script
+(`--data` also to evaluate.py).
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import torch
+
+from errors import FlagError, RunError
+from presets import PRESETS
+from trainer import run_main
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = {'omniglot': 'omniglot_train.py', 'miniimagenet': 'miniimagenet_train.py'}
+# Table 1 of the paper (and Lake et al. 2015 for the within-alphabet benchmark), in its order
+PAPER = {
+    'omniglot/paper-5w1s': '98.7 +- 0.4%',
+    'omniglot/paper-5w5s': '99.9 +- 0.1%',
+    'omniglot/paper-20w1s': '95.8 +- 0.3%',
+    'omniglot/paper-20w5s': '98.9 +- 0.2%',
+    'omniglot/lake-20w1s': 'people 95.5%, BPL 96.7%, Siamese net 92.0%',
+    'miniimagenet/paper-5w1s': '48.70 +- 1.84%',
+    'miniimagenet/paper-5w5s': '63.11 +- 0.92%',
+}
+RUN_FILES = ('last.pth', 'best.pth', 'metrics.csv', 'learning_curve.png')
+
+
+def experiment(name):
+    """(dataset, preset) of 'dataset/preset', refused by name when no such preset exists."""
+    dataset, _, preset = name.partition('/')
+    if preset not in PRESETS.get(dataset, {}):
+        known = ', '.join(f'{d}/{p}' for d in PRESETS for p in PRESETS[d])
+        raise FlagError(f"'{name}' is not an experiment; use one of {known}, or 'next'.")
+    return dataset, preset
+
+
+def run_folder(runs, name):
+    return os.path.join(runs, name.replace('/', '-'))
+
+
+def progress(runs, name):
+    """(steps done, steps of the run) from the run's last.pth, or (0, the preset's) before it starts."""
+    last = os.path.join(run_folder(runs, name), 'last.pth')
+    if not os.path.exists(last):
+        dataset, preset = experiment(name)
+        return 0, PRESETS[dataset][preset]['epoch']
+    ckpt = torch.load(last, map_location='cpu', weights_only=True)
+    return ckpt['step'], ckpt['args']['epoch']
+
+
+def flag_value(flags, name):
+    """The value given to `name` among the training script's flags, or None."""
+    return flags[flags.index(name) + 1] if name in flags[:-1] else None
+
+
+def next_unfinished(runs):
+    for name in PAPER:
+        done, total = progress(runs, name)
+        if done < total:
+            return name
+    raise RunError('every experiment of the paper has reached its end; nothing is left to run.')
+
+
+def train_part(name, runs, minutes, device, extra):
+    """Start or resume the run for at most `minutes` of training; False when it had already ended."""
+    dataset, preset = experiment(name)
+    folder = run_folder(runs, name)
+    done, total = progress(runs, name)
+    total = int(flag_value(extra, '--epoch') or total)   # a run may be extended with -- --epoch N
+    if done >= total:
+        print(f'{name}: complete at step {done}; evaluating only.')
+        return False
+    script = [sys.executable, os.path.join(REPO, SCRIPTS[dataset])]
+    where = (['--resume', os.path.join(folder, 'last.pth')] if done else ['--preset', preset, '--save_dir', folder])
+    budget = ['--time_budget', str(minutes)] if minutes else []
+    cmd = script + where + budget + ['--device', device] + extra
+    print(f'{name}: step {done} of {total}; running {" ".join(cmd[1:])}', flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise RunError(f'the training part of {name} failed (its message is above); its folder {folder} '
+                       f'keeps every checkpoint written before, so fix the cause and run this again.')
+    return True
+
+
+def collect(name, runs, results, device, extra):
+    """evaluate.py on best.pth, over the test tasks of the run's own final report, into
+    results/<name>-test.json; the run's metrics and curve into results/."""
+    folder, stem = run_folder(runs, name), name.replace('/', '-')
+    best = os.path.join(folder, 'best.pth')
+    if not os.path.exists(best):
+        raise RunError(f'{folder} holds no best.pth yet (no evaluation has run); train it longer.')
+    os.makedirs(results, exist_ok=True)
+    report = os.path.join(results, f'{stem}-test.json')
+    data = ['--data', flag_value(extra, '--data')] if flag_value(extra, '--data') else []
+    tasks = torch.load(best, map_location='cpu', weights_only=True)['args']['test_tasks']   # the run's final report's
+    cmd = [sys.executable, os.path.join(REPO, 'evaluate.py'), best, '--json', report, '--device', device,
+           '--tasks', str(tasks)] + data
+    if subprocess.run(cmd).returncode != 0:
+        raise RunError(f'evaluate.py could not score {best} (its message is above).')
+    for name_in_run, name_in_results in (('metrics.csv', f'{stem}.csv'), ('learning_curve.png', f'{stem}.png')):
+        if os.path.exists(os.path.join(folder, name_in_run)):
+            shutil.copyfile(os.path.join(folder, name_in_run), os.path.join(results, name_in_results))
+    return report
+
+
+def export(name, runs, results, dest):
+    """Copy the run folder's files and the run's results into dest/<runs>/<run>/ and dest/<results>/,
+    the layout of this repository."""
+    folder, stem = run_folder(runs, name), name.replace('/', '-')
+    copies = [(folder, f, os.path.join(dest, os.path.basename(os.path.normpath(runs)), os.path.basename(folder)))
+              for f in os.listdir(folder) if f in RUN_FILES or f.startswith('maml_step')]
+    if os.path.isdir(results):
+        copies += [(results, f, os.path.join(dest, os.path.basename(os.path.normpath(results))))
+                   for f in os.listdir(results) if f.startswith(stem)]
+    for src_dir, f, dest_dir in copies:
+        os.makedirs(dest_dir, exist_ok=True)
+        shutil.copyfile(os.path.join(src_dir, f), os.path.join(dest_dir, f))
+    print(f'{name}: run files and results copied to {dest}')
+
+
+def status(runs, results):
+    """One line per experiment: steps, the selected checkpoint and its test accuracy, the paper's."""
+    lines = [f"{'experiment':26} {'steps':>15} {'best.pth':>22} {'test accuracy (evaluate.py)':>30}  paper"]
+    for name in PAPER:
+        done, total = progress(runs, name)
+        report = os.path.join(results, name.replace('/', '-') + '-test.json')
+        best, test = '-', 'not evaluated'
+        if os.path.exists(report):
+            with open(report) as f:
+                r = json.load(f)
+            if r.get('checkpoint_step') is not None:   # evaluate.py's reports name the checkpoint's step
+                best = f"step {r['checkpoint_step']}, {r['selected_on']} {100 * r['selection_acc']:.2f}%"
+            test = f"{100 * r['acc_by_step'][-1]:.2f} +- {100 * r['ci_by_step'][-1]:.2f}% ({r['tasks']} tasks)"
+        steps = 'not started' if done == 0 else f'{done} of {total}'
+        lines.append(f'{name:26} {steps:>15} {best:>22} {test:>30}  {PAPER[name]}')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    extra = argv[argv.index('--') + 1:] if '--' in argv else []
+    argv = argv[:argv.index('--')] if '--' in argv else argv
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('experiment', nargs='?', help="dataset/preset (e.g. omniglot/paper-20w1s) or 'next'; "
+                                                 "none: print where each experiment stands")
+    p.add_argument('--minutes', type=float, help='training time of this part (default: to the end)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--runs', default='runs', help='folder of the run folders')
+    p.add_argument('--results', default='results', help='folder of the collected results')
+    p.add_argument('--export', help='also copy the run and its results here (e.g. $OUT on a lent machine)')
+    flags = p.parse_args(argv)
+    if flags.minutes is not None and not flags.minutes > 0:
+        raise FlagError(f'--minutes is {flags.minutes} but must be positive.')
+    if flags.experiment is None:
+        print(status(flags.runs, flags.results))
+        return
+    name = next_unfinished(flags.runs) if flags.experiment == 'next' else flags.experiment
+    experiment(name)
+    try:
+        train_part(name, flags.runs, flags.minutes, flags.device, extra)
+        report = collect(name, flags.runs, flags.results, flags.device, extra)
+    finally:
+        if flags.export and os.path.isdir(run_folder(flags.runs, name)):
+            export(name, flags.runs, flags.results, flags.export)
+    with open(report) as f:
+        r = json.load(f)
+    print(f"{name}: test acc {100 * r['acc_by_step'][-1]:.2f} +- {100 * r['ci_by_step'][-1]:.2f}% "
+          f"(best.pth from step {r['checkpoint_step']}); the paper: {PAPER.get(name, '-')}")
+
+
+if __name__ == '__main__':
+    run_main(main)

@@ -1,0 +1,58 @@
+"""reproduce.py on the real Omniglot: a part starts a preset's run, the next part resumes it, the
+results are collected with evaluate.py and exported in the repository's layout."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from errors import FlagError
+import reproduce
+
+TINY = ['--task_num', '2', '--num_filters', '8', '--log_every', '2', '--eval_every', '2', '--eval_tasks', '20',
+        '--test_tasks', '20']
+
+
+def part(tmp_path, *flags, extra=()):
+    return subprocess.run([sys.executable, os.path.join(REPO, 'reproduce.py'), *flags, '--runs', str(tmp_path / 'runs'),
+                           '--results', str(tmp_path / 'results'), '--device', 'cpu', '--', *extra],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path):
+    first = part(tmp_path, 'omniglot/paper-5w1s', '--export', str(tmp_path / 'out'),
+                 extra=['--data', omniglot_root, '--epoch', '4', *TINY])
+    assert first.returncode == 0, first.stderr
+    folder = tmp_path / 'runs' / 'omniglot-paper-5w1s'
+    assert torch.load(folder / 'last.pth', weights_only=True)['step'] == 4
+    report = json.loads((tmp_path / 'results' / 'omniglot-paper-5w1s-test.json').read_text())
+    best = torch.load(folder / 'best.pth', weights_only=True)
+    assert (report['preset'], report['checkpoint_step'], report['tasks']) == ('paper-5w1s', best['step'], 20)
+    assert report['acc_by_step'][-1] == pytest.approx(best['test_acc'], abs=1e-9), 'the final report, reproduced'
+    assert report['selected_on'] == 'val' and len(report['acc_by_step']) == 4, 'the preset: 3 fine-tuning steps'
+    for path in ('runs/omniglot-paper-5w1s/last.pth', 'runs/omniglot-paper-5w1s/metrics.csv',
+                 'results/omniglot-paper-5w1s-test.json', 'results/omniglot-paper-5w1s.csv'):
+        assert (tmp_path / 'out' / path).is_file(), f'{path} is exported in the repository layout'
+
+    second = part(tmp_path, 'omniglot/paper-5w1s', '--minutes', '1e-6', extra=['--data', omniglot_root, '--epoch', '8'])
+    assert second.returncode == 0, second.stderr
+    assert 'resumed from' in second.stdout and '--time_budget of 1e-06 min reached' in second.stdout
+    with open(tmp_path / 'results' / 'omniglot-paper-5w1s.csv') as f:
+        assert [r['step'] for r in csv.DictReader(f)] == ['2', '4', '6'], 'the budget ends the part at its first log'
+
+    third = part(tmp_path, 'omniglot/paper-5w1s', extra=['--data', omniglot_root])
+    assert third.returncode == 0, third.stderr
+    assert torch.load(folder / 'last.pth', weights_only=True)['step'] == 8, 'without a budget, to the end'
+    assert reproduce.next_unfinished(str(tmp_path / 'runs')) == 'omniglot/paper-5w5s'
+    table = part(tmp_path).stdout
+    assert '8 of 8' in table and 'not started' in table and '98.7 +- 0.4%' in table
+
+
+def test_an_unknown_experiment_is_refused_by_name():
+    with pytest.raises(FlagError, match="'omniglot/paper-1w1s' is not an experiment; use one of omniglot/paper-5w1s"):
+        reproduce.experiment('omniglot/paper-1w1s')
