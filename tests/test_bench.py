@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import FlopCount, per_task_meta_loss, reference_step, seed_forward, seed_network, seed_step
+from bench import FlopCount
 from learner import Learner
+from reference import per_task_meta_loss, reference_step, seed_forward, seed_network, seed_step
 from test_meta import make_meta, make_tasks
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import per_task_meta_loss
 from meta import Meta
+from reference import per_task_meta_loss
 
 TASKS, N_WAY, K_SPT, K_QRY, SIDE = 3, 4, 2, 3, 12
 CONFIG = [('conv2d', [6, 1, 3, 3, 2, 1]), ('bn', [6]), ('relu', [True]),
