@@ -25,6 +25,7 @@ import sys
 import torch
 
 from errors import FlagError, RunError
+from meta import load_checkpoint
 from presets import PRESETS
 from trainer import run_main
 
@@ -62,7 +63,7 @@ def progress(runs, name):
     if not os.path.exists(last):
         dataset, preset = experiment(name)
         return 0, PRESETS[dataset][preset]['epoch']
-    ckpt = torch.load(last, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint(last, map_location='cpu')
     return ckpt['step'], ckpt['args']['epoch']
 
 
@@ -109,7 +110,7 @@ def collect(name, runs, results, device, extra):
     os.makedirs(results, exist_ok=True)
     report = os.path.join(results, f'{stem}-test.json')
     data = ['--data', flag_value(extra, '--data')] if flag_value(extra, '--data') else []
-    tasks = torch.load(best, map_location='cpu', weights_only=True)['args']['test_tasks']   # the run's final report's
+    tasks = load_checkpoint(best, map_location='cpu')['args']['test_tasks']   # the run's final report's
     cmd = [sys.executable, os.path.join(REPO, 'evaluate.py'), best, '--json', report, '--device', device,
            '--tasks', str(tasks)] + data
     if subprocess.run(cmd).returncode != 0:
