@@ -5,6 +5,7 @@ Speed of one MAML meta-step: the seed's per-task loop against this project's vec
     python bench.py --quick           # fewer repeats, for a first look
     python bench.py --device cuda --impls reference meta meta+graphs --csv bench_results.csv
     python bench.py --loaders         # also: episodes/s of the seed-style DataLoader vs the cache
+    python bench.py --profile omniglot-paper so meta+graphs --trace step.json   # where a step's time goes
 
 Workloads (the seeds' defaults otherwise): Omniglot 5-way 1-shot task_num 32, the paper's Omniglot
 5-way recipe (omniglot-paper: k_qry 1, update_step 1) and MiniImagenet 5-way 1-shot task_num 4,
@@ -180,6 +181,34 @@ def count_flops(workload, order, omniglot_root):
     return counter.flops
 
 
+def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, trace=None):
+    """Where one meta-step's time goes: torch.profiler over `steps` steps after warm-up (and any
+    compilation or CUDA-graph capture). Prints the ops (CUDA: kernels) by self time, and the share
+    of the wall time the device is busy; the rest is launch gaps and host work. Returns that dict."""
+    from torch.profiler import ProfilerActivity, profile
+    maml, next_batch = build(workload, order, impl, device, omniglot_root)
+    for _ in range(3):
+        meta_step(maml, next_batch)
+    sync(device)
+    cuda = device.type == 'cuda'
+    with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
+        t = time.perf_counter()
+        for _ in range(steps):
+            meta_step(maml, next_batch)
+        sync(device)
+        wall_ms = 1e3 * (time.perf_counter() - t) / steps
+    if trace:
+        prof.export_chrome_trace(trace)
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    events = sorted(prof.key_averages(), key=self_us, reverse=True)
+    busy_ms = sum(map(self_us, events)) / 1e3 / steps
+    print(f'{workload}-{order} {impl} on {device_name(device)}, torch {torch.__version__}: {wall_ms:.2f} ms/step; '
+          f'{"kernels" if cuda else "ops"} busy {busy_ms:.2f} ms/step ({100 * busy_ms / wall_ms:.0f}% of the wall time)')
+    for e in events[:top]:
+        print(f'{self_us(e) / 1e3 / steps:9.3f} ms/step {e.count // steps:6d} calls/step  {e.key[:90]}')
+    return dict(wall_ms=wall_ms, busy_ms=busy_ms, calls_per_step=sum(e.count for e in events) / steps)
+
+
 def matmul_rate(device):
     """Measured fp32 matmul FLOP/s (TF32 on CUDA): the ceiling the floor is computed against."""
     n = 8192 if device.type == 'cuda' else 2048
@@ -234,6 +263,9 @@ def main():
     p.add_argument('--threads', type=int, default=0,
                    help='CPU threads per row (0: torch\'s default, one per core); on a CPU shared with other '
                         'busy processes, 1 avoids waiting on descheduled OpenMP threads')
+    p.add_argument('--profile', nargs=3, metavar=('WORKLOAD', 'ORDER', 'IMPL'),
+                   help='profile one row instead (e.g. omniglot-paper so meta+graphs): the top ops or kernels')
+    p.add_argument('--trace', help='with --profile: also write a Chrome trace here')
     p.add_argument('--row', nargs=3, metavar=('WORKLOAD', 'ORDER', 'IMPL'), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -242,6 +274,9 @@ def main():
     tune(device)   # as the training scripts do
     if args.row:
         print(json.dumps(time_row(*args.row, device, args.omniglot, args.quick)))
+        return
+    if args.profile:
+        profile_row(*args.profile, device, args.omniglot, trace=args.trace)
         return
 
     rows = []

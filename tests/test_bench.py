@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 from bench import FlopCount
 from learner import Learner
 from reference import per_task_meta_loss, reference_step, seed_forward, seed_network, seed_step
@@ -57,3 +58,10 @@ def test_seed_step_is_the_first_order_gradient_of_the_last_task_alone():
     loss, _ = per_task_meta_loss(ref.net, theta, last, ref.update_lr, ref.update_step, create_graph=False)
     for p, g in zip(seed.net.parameters(), torch.autograd.grad(loss / len(tasks[0]), theta)):
         torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+
+
+def test_profile_names_where_a_step_goes(omniglot_root, capsys):
+    result = bench.profile_row('omniglot-paper', 'so', 'meta', torch.device('cpu'), omniglot_root, steps=1, top=5)
+    out = capsys.readouterr().out
+    assert 'aten::convolution_backward' in out and out.count(' calls/step ') == 5
+    assert 0 < result['busy_ms'] <= 1.1 * result['wall_ms'] and result['calls_per_step'] > 100
