@@ -24,10 +24,11 @@ import sys
 
 import torch
 
+from checkpoints import read_metrics
 from errors import FlagError, RunError
 from meta import load_checkpoint
 from presets import PRESETS
-from trainer import run_main
+from trainer import format_duration, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {'omniglot': 'omniglot_train.py', 'miniimagenet': 'miniimagenet_train.py'}
@@ -137,10 +138,11 @@ def export(name, runs, results, dest):
 
 
 def status(runs, results):
-    """One line per experiment: steps, the selected checkpoint and its test accuracy, the paper's."""
-    lines = [f"{'experiment':26} {'steps':>15} {'best.pth':>22} {'test accuracy (evaluate.py)':>30}  paper"]
+    """One line per experiment: steps, wall time, the selected checkpoint and its test accuracy, the paper's."""
+    lines = [f"{'experiment':25} {'steps':>15} {'wall':>7} {'best.pth':>21} {'test accuracy (evaluate.py)':>28}  paper"]
     for name in PAPER:
         done, total = progress(runs, name)
+        rows = read_metrics(run_folder(runs, name))
         report = os.path.join(results, name.replace('/', '-') + '-test.json')
         best, test = '-', 'not evaluated'
         if os.path.exists(report):
@@ -149,8 +151,9 @@ def status(runs, results):
             if r.get('checkpoint_step') is not None:   # evaluate.py's reports name the checkpoint's step
                 best = f"step {r['checkpoint_step']}, {r['selected_on']} {100 * r['selection_acc']:.2f}%"
             test = f"{100 * r['acc_by_step'][-1]:.2f} +- {100 * r['ci_by_step'][-1]:.2f}% ({r['tasks']} tasks)"
-        steps = 'not started' if done == 0 else f'{done} of {total}'
-        lines.append(f'{name:26} {steps:>15} {best:>22} {test:>30}  {PAPER[name]}')
+        steps = f'{done} of {total}' if done else 'no checkpoint'
+        wall = format_duration(float(rows[-1]['elapsed_s'])) if rows else '-'
+        lines.append(f'{name:25} {steps:>15} {wall:>7} {best:>21} {test:>28}  {PAPER[name]}')
     return '\n'.join(lines)
 
 

@@ -50,7 +50,7 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     assert torch.load(folder / 'last.pth', weights_only=True)['step'] == 8, 'without a budget, to the end'
     assert reproduce.next_unfinished(str(tmp_path / 'runs')) == 'omniglot/paper-5w5s'
     table = part(tmp_path).stdout
-    assert '8 of 8' in table and 'not started' in table and '98.7 +- 0.4%' in table
+    assert '8 of 8' in table and 'no checkpoint' in table and '98.7 +- 0.4%' in table
 
 
 def test_an_unknown_experiment_is_refused_by_name():
