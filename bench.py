@@ -33,7 +33,8 @@ Omniglot episodes come from OmniglotNShot (downloaded into --omniglot if missing
 episodes from MiniImagenetCache.synthetic, random pixels in the real split's shape (sampling and
 compute cost the same as on the real images, which need not be on the machine).
 The floor: FLOPs of one meta-step (counted op by op on the per-task form of the same algorithm)
-over the device's measured matmul rate (fp32; TF32 on CUDA, as training uses).
+over the device's measured matmul rate (fp32; TF32 on CUDA, as training uses). --profile also
+sets the step's op-by-op memory traffic against the measured copy bandwidth (roofline.py).
 """
 import argparse
 import csv
@@ -46,9 +47,6 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_map
-from torch.utils.flop_counter import flop_registry
 
 import miniimagenet_train
 import omniglot_train
@@ -57,6 +55,7 @@ from MiniImagenet import MiniImagenetCache
 from omniglotNShot import OmniglotNShot
 from presets import DEFAULTS, PRESETS
 from reference import reference_step, seed_forward, seed_network, seed_step
+from roofline import ByteCount, FlopCount, copy_bandwidth, matmul_rate, sync
 from trainer import device_name, tune
 
 def workload_settings(dataset, preset=None):
@@ -111,11 +110,6 @@ def meta_step(maml, next_batch):
     maml.meta_update(loss)
 
 
-def sync(device):
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-
-
 def time_row(workload, order, impl, device, omniglot_root, quick):
     """One row: ms per meta-step (median), images/s and peak memory, as a dict."""
     maml, next_batch = build(workload, order, impl, device, omniglot_root)
@@ -151,22 +145,6 @@ def time_row(workload, order, impl, device, omniglot_root, quick):
                 peak_mem_mb=round(peak / 2**20), warmup_s=round(warmup_s, 1))
 
 
-class FlopCount(TorchDispatchMode):
-    """FLOPs of every matmul/convolution (forward and backward) run under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        counter = flop_registry.get(func._overloadpacket)
-        if counter:
-            shape = lambda t: t.shape if isinstance(t, torch.Tensor) else t
-            self.flops += counter(*tree_map(shape, args), **tree_map(shape, kwargs or {}), out_val=tree_map(shape, out))
-        return out
-
-
 def count_flops(workload, order, omniglot_root):
     """FLOPs of one meta-step of Meta's algorithm, task by task (vmap's batched convolutions are
     grouped convolutions that torch's counter miscounts), on the CPU."""
@@ -181,10 +159,22 @@ def count_flops(workload, order, omniglot_root):
     return counter.flops
 
 
+def count_bytes(workload, order, impl, device, omniglot_root):
+    """Bytes that one meta-step of `impl` reads and writes op by op (roofline.ByteCount) on `device`;
+    a compiled row counts its uncompiled step, so fused kernels move less than this."""
+    maml, next_batch = build(workload, order, impl.replace('+compile', '').replace('+graphs', ''), device,
+                             omniglot_root)
+    batch = next_batch()
+    with ByteCount() as traffic:
+        meta_step(maml, lambda: batch)
+    return traffic.bytes
+
+
 def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, trace=None):
     """Where one meta-step's time goes: torch.profiler over `steps` steps after warm-up (and any
-    compilation or CUDA-graph capture). Prints the ops (CUDA: kernels) by self time, and the share
-    of the wall time the device is busy; the rest is launch gaps and host work. Returns that dict."""
+    compilation or CUDA-graph capture). Prints the ops (CUDA: kernels) by self time, the share of
+    the wall time the device is busy (the rest is launch gaps and host work), and the step's FLOPs
+    and op-by-op memory traffic against the device's measured matmul rate and copy bandwidth."""
     from torch.profiler import ProfilerActivity, profile
     maml, next_batch = build(workload, order, impl, device, omniglot_root)
     for _ in range(3):
@@ -202,25 +192,18 @@ def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, t
     self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(prof.key_averages(), key=self_us, reverse=True)
     busy_ms = sum(map(self_us, events)) / 1e3 / steps
+    flops, traffic = count_flops(workload, order, omniglot_root), count_bytes(workload, order, impl, device, omniglot_root)
+    rate, bandwidth = matmul_rate(device), copy_bandwidth(device)
     print(f'{workload}-{order} {impl} on {device_name(device)}, torch {torch.__version__}: {wall_ms:.2f} ms/step; '
           f'{"kernels" if cuda else "ops"} busy {busy_ms:.2f} ms/step ({100 * busy_ms / wall_ms:.0f}% of the wall time)')
+    flop_share, bandwidth_share = flops / wall_ms * 1e3 / rate, traffic / wall_ms * 1e3 / bandwidth
+    print(f'{flops / 1e9:.2f} GFLOP/step: {flops / wall_ms / 1e9:.3f} TFLOP/s, {100 * flop_share:.1f}% of the measured '
+          f'matmul rate ({rate / 1e12:.2f} TFLOP/s); {traffic / 1e9:.2f} GB/step op by op: {traffic / wall_ms / 1e6:.1f} '
+          f'GB/s, {100 * bandwidth_share:.0f}% of the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s)')
     for e in events[:top]:
         print(f'{self_us(e) / 1e3 / steps:9.3f} ms/step {e.count // steps:6d} calls/step  {e.key[:90]}')
-    return dict(wall_ms=wall_ms, busy_ms=busy_ms, calls_per_step=sum(e.count for e in events) / steps)
-
-
-def matmul_rate(device):
-    """Measured fp32 matmul FLOP/s (TF32 on CUDA): the ceiling the floor is computed against."""
-    n = 8192 if device.type == 'cuda' else 2048
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    times = []
-    for _ in range(6):
-        sync(device)
-        t = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / statistics.median(times[1:])
+    return dict(wall_ms=wall_ms, busy_ms=busy_ms, calls_per_step=sum(e.count for e in events) / steps,
+                gflop=flops / 1e9, gbytes=traffic / 1e9, flop_share=flop_share, bandwidth_share=bandwidth_share)
 
 
 def loader_rates(mini_root, device, quick):

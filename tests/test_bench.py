@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import bench
-from bench import FlopCount
 from learner import Learner
 from reference import per_task_meta_loss, reference_step, seed_forward, seed_network, seed_step
+from roofline import ByteCount, FlopCount
 from test_meta import make_meta, make_tasks
 
 
@@ -65,3 +65,15 @@ def test_profile_names_where_a_step_goes(omniglot_root, capsys):
     out = capsys.readouterr().out
     assert 'aten::convolution_backward' in out and out.count(' calls/step ') == 5
     assert 0 < result['busy_ms'] <= 1.1 * result['wall_ms'] and result['calls_per_step'] > 100
+    assert 'GFLOP/step' in out and result['gflop'] > 1 and result['gbytes'] > 0.1
+    assert 0 < result['flop_share'] < 2 and result['bandwidth_share'] > 0, 'shares of measured ceilings, not raw units'
+
+
+def test_byte_counter_counts_what_ops_read_and_write_and_not_views():
+    a, b = torch.ones(1000), torch.ones(1000)
+    with ByteCount() as traffic:
+        c = a + b                         # reads 2 x 4000 bytes, writes 4000
+        c.view(10, 100).t()               # views: nothing
+        a.expand(5, 1000).sum(0)          # reads a once (a broadcast), writes 4000
+        c.copy_(b)                        # reads 4000, writes into c (an argument): 8000 counted
+    assert traffic.bytes == 12000 + 8000 + 8000

@@ -1,0 +1,93 @@
+"""
+The floors a meta-step is measured against: the FLOPs and bytes of its ops, and the device's
+measured matmul rate and copy bandwidth (bench.py's floor column and its --profile summary).
+
+    with FlopCount() as flops, ByteCount() as traffic:
+        step()
+    flops.flops / matmul_rate(device), traffic.bytes / copy_bandwidth(device)   # seconds, at best
+"""
+import statistics
+import time
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+class FlopCount(TorchDispatchMode):
+    """FLOPs of every matmul/convolution (forward and backward) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        counter = flop_registry.get(func._overloadpacket)
+        if counter:
+            shape = lambda t: t.shape if isinstance(t, torch.Tensor) else t
+            self.flops += counter(*tree_map(shape, args), **tree_map(shape, kwargs or {}), out_val=tree_map(shape, out))
+        return out
+
+
+def distinct_bytes(t):
+    """Bytes of memory a tensor covers: a broadcast (stride-0) dimension is read once."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride else 1
+    return n * t.element_size()
+
+
+class ByteCount(TorchDispatchMode):
+    """Bytes that the ops run under it read and write, op by op, as if no cache held anything:
+    every tensor argument and result, except results that alias an argument (views, in-place ops
+    count their argument). Under vmap it sees the batched tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
+        storages = {t.untyped_storage().data_ptr() for t in inputs}
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if all(t.untyped_storage().data_ptr() in storages for t in outputs) and func not in _IN_PLACE_COPIES:
+            return out   # a view (or a no-op): no memory traffic
+        self.bytes += sum(map(distinct_bytes, inputs)) + sum(distinct_bytes(t) for t in outputs
+                                                             if t.untyped_storage().data_ptr() not in storages)
+        return out
+
+
+_IN_PLACE_COPIES = {torch.ops.aten.copy_.default}
+
+
+def matmul_rate(device):
+    """Measured fp32 matmul FLOP/s (TF32 on CUDA): the ceiling the FLOP floor is computed against."""
+    n = 8192 if device.type == 'cuda' else 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    return 2 * n ** 3 / _median_seconds(lambda: a @ b, device)
+
+
+def copy_bandwidth(device):
+    """Measured bytes/s of copying one large tensor into another (read + write)."""
+    n = (1 << 28) if device.type == 'cuda' else (1 << 26)   # 1 GiB / 256 MiB of float32
+    a, b = torch.ones(n, device=device), torch.empty(n, device=device)
+    return 2 * 4 * n / _median_seconds(lambda: b.copy_(a), device)
+
+
+def _median_seconds(fn, device, repeats=6):
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
