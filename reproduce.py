@@ -4,6 +4,7 @@ Run the paper's experiments (presets.py) to their end, one part at a time, and c
     python reproduce.py                                    # where each experiment stands
     python reproduce.py omniglot/paper-5w5s --minutes 120  # start or continue one for 2 h, then evaluate
     python reproduce.py next --minutes 8 --device cuda --export $OUT    # the first unfinished one
+    python reproduce.py omniglot/paper-5w1s --collect      # evaluate and collect a run as it stands
 
 A run lives in runs/<dataset>-<preset>/. A part starts the run (or resumes it from its last.pth),
 trains for at most --minutes (the training script's --time_budget; the final evaluations come on
@@ -170,6 +171,8 @@ def main(argv=None):
     p.add_argument('--runs', default='runs', help='folder of the run folders')
     p.add_argument('--results', default='results', help='folder of the collected results')
     p.add_argument('--export', help='also copy the run and its results here (e.g. $OUT on a lent machine)')
+    p.add_argument('--collect', action='store_true',
+                   help='train nothing: evaluate and collect the run as it stands (e.g. one stopped by hand)')
     flags = p.parse_args(argv)
     if flags.minutes is not None and not flags.minutes > 0:
         raise FlagError(f'--minutes is {flags.minutes} but must be positive.')
@@ -179,7 +182,8 @@ def main(argv=None):
     name = next_unfinished(flags.runs) if flags.experiment == 'next' else flags.experiment
     experiment(name)
     try:
-        train_part(name, flags.runs, flags.minutes, flags.device, extra)
+        if not flags.collect:
+            train_part(name, flags.runs, flags.minutes, flags.device, extra)
         report = collect(name, flags.runs, flags.results, flags.device, extra)
     finally:
         if flags.export and os.path.isdir(run_folder(flags.runs, name)):

@@ -45,6 +45,11 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     with open(tmp_path / 'results' / 'omniglot-paper-5w1s.csv') as f:
         assert [r['step'] for r in csv.DictReader(f)] == ['2', '4', '6'], 'the budget ends the part at its first log'
 
+    (tmp_path / 'results' / 'omniglot-paper-5w1s-test.json').unlink()
+    collected = part(tmp_path, 'omniglot/paper-5w1s', '--collect', extra=['--data', omniglot_root])
+    assert collected.returncode == 0 and 'resumed from' not in collected.stdout, collected.stderr
+    assert (tmp_path / 'results' / 'omniglot-paper-5w1s-test.json').is_file(), 'evaluated, not trained'
+
     third = part(tmp_path, 'omniglot/paper-5w1s', extra=['--data', omniglot_root])
     assert third.returncode == 0, third.stderr
     assert torch.load(folder / 'last.pth', weights_only=True)['step'] == 8, 'without a budget, to the end'
