@@ -46,26 +46,33 @@ def distinct_bytes(t):
 
 class ByteCount(TorchDispatchMode):
     """Bytes that the ops run under it read and write, op by op, as if no cache held anything:
-    every tensor argument and result, except results that alias an argument (views, in-place ops
-    count their argument). Under vmap it sees the batched tensors."""
+    every tensor argument is read (but an out= argument) and every result written, except that
+    a view writes nothing and an in-place or out= op writes the arguments it mutates. Under vmap
+    it sees the batched tensors."""
 
     def __init__(self):
         super().__init__()
         self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = [t for t in tree_flatten((args, kwargs or {}))[0] if isinstance(t, torch.Tensor)]
-        storages = {t.untyped_storage().data_ptr() for t in inputs}
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if all(t.untyped_storage().data_ptr() in storages for t in outputs) and func not in _IN_PLACE_COPIES:
-            return out   # a view (or a no-op): no memory traffic
-        self.bytes += sum(map(distinct_bytes, inputs)) + sum(distinct_bytes(t) for t in outputs
-                                                             if t.untyped_storage().data_ptr() not in storages)
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        read, written = [], []
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            tensors = [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                written += tensors
+            if not arg.is_out:
+                read += tensors
+        if not func._schema.is_mutable:
+            storages = {t.untyped_storage().data_ptr() for t in read}
+            written = [t for t in tree_flatten(out)[0]
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages]
+            if not written:
+                return out   # a view: no memory traffic
+        self.bytes += sum(map(distinct_bytes, read)) + sum(map(distinct_bytes, written))
         return out
-
-
-_IN_PLACE_COPIES = {torch.ops.aten.copy_.default}
 
 
 def matmul_rate(device):

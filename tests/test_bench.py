@@ -75,5 +75,8 @@ def test_byte_counter_counts_what_ops_read_and_write_and_not_views():
         c = a + b                         # reads 2 x 4000 bytes, writes 4000
         c.view(10, 100).t()               # views: nothing
         a.expand(5, 1000).sum(0)          # reads a once (a broadcast), writes 4000
-        c.copy_(b)                        # reads 4000, writes into c (an argument): 8000 counted
-    assert traffic.bytes == 12000 + 8000 + 8000
+        c.copy_(b)                        # in place: reads c and b, writes c
+        a.add_(1)                         # reads a, writes a
+        torch.mul(a, b, out=c)            # reads a and b, writes c (an out= argument is not read)
+        torch._foreach_mul_([a, b], 2.0)  # reads and writes a and b
+    assert traffic.bytes == 12000 + 0 + 8000 + 12000 + 8000 + 12000 + 16000
