@@ -38,9 +38,9 @@ def make_parser(description, dataset, data_root):
                    help="all settings of one of the paper's experiments (presets.py); explicit flags override")
     p.add_argument('--epoch', type=int, help='meta-training steps')
     p.add_argument('--time_budget', type=float,
-                   help='minutes of wall-clock time of this invocation (evaluations included, earlier parts '
-                        'of a resumed run not) after which the run evaluates, saves and ends as at --epoch; '
-                        'checked at logging steps')
+                   help='minutes of wall-clock time from the first training step of this invocation '
+                        '(evaluations included, earlier parts of a resumed run not) after which the run '
+                        'evaluates, saves and ends as at --epoch; checked every --log_every steps')
     p.add_argument('--n_way', type=int, help='classes per task')
     p.add_argument('--k_spt', type=int, help='support images per class')
     p.add_argument('--k_qry', type=int, help='query images per class in training')

@@ -3,12 +3,12 @@ Run the paper's experiments (presets.py) to their end, one part at a time, and c
 
     python reproduce.py                                    # where each experiment stands
     python reproduce.py omniglot/paper-5w5s --minutes 120  # start or continue one for 2 h, then evaluate
-    python reproduce.py next --minutes 8 --device cuda --export $OUT    # the first unfinished one
+    python reproduce.py next --minutes 8 --device cuda --export $OUT    # the first unfinished run in runs/
     python reproduce.py omniglot/paper-5w1s --collect      # evaluate and collect a run as it stands
 
 A run lives in runs/<dataset>-<preset>/. A part starts the run (or resumes it from its last.pth),
-trains for at most --minutes (the training script's --time_budget; the final evaluations come on
-top), and ends as the training script ends: best.pth evaluated once on the test split. Then
+trains until --minutes have passed (the training script's --time_budget: checked every --log_every
+steps; data preparation and the final evaluations come on top), and ends as the training script ends: best.pth evaluated once on the test split. Then
 `evaluate.py` scores best.pth again, over the same test tasks, into results/<name>-test.json, and
 the run's metrics.csv and learning curve are copied to results/. A run that has reached its
 --epoch only gets evaluated; `-- --epoch N` extends it. --export DIR copies the run folder and its
@@ -69,9 +69,12 @@ def progress(runs, name):
     return ckpt['step'], ckpt['args']['epoch']
 
 
-def flag_value(flags, name):
-    """The value given to `name` among the training script's flags, or None."""
-    return flags[flags.index(name) + 1] if name in flags[:-1] else None
+def script_flags(extra):
+    """The --epoch and --data among the flags for the training script, parsed as the script would."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument('--epoch', type=int)
+    p.add_argument('--data')
+    return p.parse_known_args(extra)[0]
 
 
 def next_unfinished(runs):
@@ -87,7 +90,7 @@ def train_part(name, runs, minutes, device, extra):
     dataset, preset = experiment(name)
     folder = run_folder(runs, name)
     done, total = progress(runs, name)
-    total = int(flag_value(extra, '--epoch') or total)   # a run may be extended with -- --epoch N
+    total = script_flags(extra).epoch or total   # a run may be extended with -- --epoch N
     if done >= total:
         print(f'{name}: complete at step {done}; evaluating only.')
         return False
@@ -111,7 +114,7 @@ def collect(name, runs, results, device, extra):
         raise RunError(f'{folder} holds no best.pth yet (no evaluation has run); train it longer.')
     os.makedirs(results, exist_ok=True)
     report = os.path.join(results, f'{stem}-test.json')
-    data = ['--data', flag_value(extra, '--data')] if flag_value(extra, '--data') else []
+    data = ['--data', script_flags(extra).data] if script_flags(extra).data else []
     tasks = load_checkpoint(best, map_location='cpu')['args']['test_tasks']   # the run's final report's
     cmd = [sys.executable, os.path.join(REPO, 'evaluate.py'), best, '--json', report, '--device', device,
            '--tasks', str(tasks)] + data

@@ -139,6 +139,10 @@ def open_run_dir(args):
     if ckpt is None:
         if not run.is_empty():
             run.close()
+            if not os.path.exists(run.path('last.pth')):
+                raise RunError(f"{args.save_dir} holds files of an earlier run that stopped in its first "
+                               f"evaluation, before any last.pth to resume from; delete the folder or pass "
+                               f"another --save_dir.")
             raise RunError(f"{args.save_dir} already holds checkpoints of an earlier run; continue it with "
                            f"--resume {run.path('last.pth')}, or pass another --save_dir.")
         return run

@@ -157,6 +157,15 @@ def test_a_time_budget_ends_the_run_with_an_evaluation(tmp_path):
     assert torch.load(tmp_path / 'last.pth', weights_only=True)['step'] == 3
 
 
+def test_a_folder_whose_run_never_wrote_last_pth_is_named_not_resumed(tmp_path):
+    run_fit(tmp_path, epoch=2)
+    os.remove(tmp_path / 'last.pth')   # as a kill inside the first evaluation leaves it
+    before = snapshot(tmp_path)
+    with pytest.raises(RunError, match='stopped in its first evaluation, before any last.pth'):
+        run_fit(tmp_path, epoch=2)
+    assert snapshot(tmp_path) == before
+
+
 def test_a_time_budget_counts_this_invocation_only_and_is_not_inherited(tmp_path):
     last = saved_run(tmp_path, '--time_budget', '1e-9')
     assert torch.load(last, weights_only=True)['step'] == 1, 'the budget ended the first part'

@@ -58,6 +58,11 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     assert '8 of 8' in table and 'no checkpoint' in table and '98.7 +- 0.4%' in table
 
 
+def test_the_training_scripts_flags_are_read_as_argparse_reads_them():
+    flags = reproduce.script_flags(['--epoch=70000', '--data', '/x', '--meta_lr', '1e-3', '--epoch', '80000'])
+    assert (flags.epoch, flags.data) == (80000, '/x'), 'the = form, and the last of a repeated flag'
+
+
 def test_an_unknown_experiment_is_refused_by_name():
     with pytest.raises(FlagError, match="'omniglot/paper-1w1s' is not an experiment; use one of omniglot/paper-5w1s"):
         reproduce.experiment('omniglot/paper-1w1s')
