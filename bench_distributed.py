@@ -3,14 +3,14 @@ Meta-step throughput under torchrun (distributed.py) on random Omniglot-shaped t
 15 query images, 28x28, the paper's 64-filter net, one inner step, second order), the global
 meta-batch BENCH_TASKS (default 8) split over the ranks.
 
-    python bench_distributed.py 1                                    # one process, one thread
-    torchrun --standalone --nproc_per_node=2 bench_distributed.py    # two ranks
+    python bench_distributed.py --threads 1                          # one process, one thread
+    torchrun --standalone --nproc_per_node=2 bench_distributed.py    # two ranks (one thread each)
 
 Prints one line on rank 0: ranks, threads per rank, ms/step, images/s, and the share of a step
 spent in the gradient all-reduce (timed separately on the same gradients).
 """
+import argparse
 import os
-import sys
 import time
 
 import torch
@@ -25,9 +25,12 @@ N_WAY, K_SPT, K_QRY, SIDE, WARMUP, STEPS = 5, 1, 15, 28, 2, 8
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    p.add_argument('--threads', type=int, help="CPU threads per process (default: torch's)")
+    threads = p.parse_args().threads
     distributed.init('cpu')
-    if len(sys.argv) > 1:
-        torch.set_num_threads(int(sys.argv[1]))
+    if threads:
+        torch.set_num_threads(threads)
     local = distributed.local_tasks(TASKS)
     torch.manual_seed(0)
     maml = Meta(network(N_WAY, SIDE), imgc=1, imgsz=SIDE, update_step=1, update_lr=0.4)
