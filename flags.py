@@ -116,6 +116,11 @@ def parse_args(parser, dataset, argv=None):
                                 f"was trained with; a resumed run keeps its settings, so drop --{name} or "
                                 f"start a new run in another --save_dir.")
             setattr(args, name, value)
+        for name in sorted(given - OPERATIONAL - saved.keys()):   # flags newer than the checkpoint
+            if getattr(args, name) != parser.get_default(name):
+                raise FlagError(f"--{name} {getattr(args, name)} would change {args.resume}, whose run predates "
+                                f"--{name} and so ran as its default {parser.get_default(name)}; drop --{name} "
+                                f"or start a new run in another --save_dir.")
         if 'data' not in given and not os.path.exists(args.data):   # the run moved to another machine
             args.data = parser.get_default('data')
         if args.epoch <= ckpt['step']:

@@ -270,6 +270,12 @@ def test_resume_takes_the_runs_settings_and_refuses_to_change_them(tmp_path):
     for epoch in (['--epoch', '2'], []):   # without --epoch, the checkpoint's: the run is complete
         with pytest.raises(FlagError, match='--epoch 2 is not beyond step 2'):
             parse_args(parser, 'omniglot', ['--resume', last, *epoch])
+    older = torch.load(last, weights_only=True)
+    del older['args']['algo'], older['args']['lslr']   # as written before the MAML family existed
+    atomic_save(older, str(tmp_path / 'older.pth'))
+    with pytest.raises(FlagError, match='--algo anil would change .* predates --algo and so ran as its default maml'):
+        parse_args(parser, 'omniglot', ['--resume', str(tmp_path / 'older.pth'), '--epoch', '4', '--algo', 'anil'])
+    assert parse_args(parser, 'omniglot', ['--resume', str(tmp_path / 'older.pth'), '--epoch', '4', '--algo', 'maml'])
     moved = saved_run(tmp_path / 'moved', '--data', str(tmp_path / 'absent'))   # data on another machine
     assert parse_args(parser, 'omniglot', ['--resume', moved, '--epoch', '4']).data == 'data', "this machine's"
     with pytest.raises(FlagError, match="was not written by miniimagenet's training script"):
