@@ -77,6 +77,12 @@ def script_flags(extra):
     return p.parse_known_args(extra)[0]
 
 
+def best_step(runs, name):
+    """The step of the run's best.pth, or None before its first evaluation."""
+    best = os.path.join(run_folder(runs, name), 'best.pth')
+    return load_checkpoint(best, map_location='cpu')['step'] if os.path.exists(best) else None
+
+
 def next_unfinished(runs):
     for name in PAPER:
         done, total = progress(runs, name)
@@ -143,7 +149,7 @@ def export(name, runs, results, dest):
 
 def status(runs, results):
     """One line per experiment: steps, wall time, the selected checkpoint and its test accuracy, the paper's."""
-    lines = [f"{'experiment':25} {'steps':>15} {'wall':>7} {'best.pth':>21} {'test accuracy (evaluate.py)':>28}  paper"]
+    lines = [f"{'experiment':25} {'steps':>15} {'wall':>7} {'best.pth':>40} {'test accuracy (evaluate.py)':>28}  paper"]
     for name in PAPER:
         done, total = progress(runs, name)
         rows = read_metrics(run_folder(runs, name))
@@ -152,12 +158,15 @@ def status(runs, results):
         if os.path.exists(report):
             with open(report) as f:
                 r = json.load(f)
-            if r.get('checkpoint_step') is not None:   # evaluate.py's reports name the checkpoint's step
+            best = 'older report'   # written before evaluate.py named the checkpoint's step
+            if r.get('checkpoint_step') is not None:
                 best = f"step {r['checkpoint_step']}, {r['selected_on']} {100 * r['selection_acc']:.2f}%"
+                if r['checkpoint_step'] != best_step(runs, name):
+                    best += ' (stale: --collect)'
             test = f"{100 * r['acc_by_step'][-1]:.2f} +- {100 * r['ci_by_step'][-1]:.2f}% ({r['tasks']} tasks)"
         steps = f'{done} of {total}' if done else 'no checkpoint'
         wall = format_duration(float(rows[-1]['elapsed_s'])) if rows else '-'
-        lines.append(f'{name:25} {steps:>15} {wall:>7} {best:>21} {test:>28}  {PAPER[name]}')
+        lines.append(f'{name:25} {steps:>15} {wall:>7} {best:>40} {test:>28}  {PAPER[name]}')
     return '\n'.join(lines)
 
 

@@ -55,7 +55,10 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     assert torch.load(folder / 'last.pth', weights_only=True)['step'] == 8, 'without a budget, to the end'
     assert reproduce.next_unfinished(str(tmp_path / 'runs')) == 'omniglot/paper-5w5s'
     table = part(tmp_path).stdout
-    assert '8 of 8' in table and 'no checkpoint' in table and '98.7 +- 0.4%' in table
+    assert '8 of 8' in table and 'no checkpoint' in table and '98.7 +- 0.4%' in table and 'stale' not in table
+    report_path = tmp_path / 'results' / 'omniglot-paper-5w1s-test.json'
+    report_path.write_text(json.dumps({**json.loads(report_path.read_text()), 'checkpoint_step': 2 * 10 ** 6}))
+    assert 'stale: --collect' in part(tmp_path).stdout, 'a report of another best.pth says so'
 
 
 def test_the_training_scripts_flags_are_read_as_argparse_reads_them():
