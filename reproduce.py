@@ -84,6 +84,7 @@ def best_step(runs, name):
 
 
 def next_unfinished(runs):
+    """The first experiment of the table whose run in `runs` has not reached its --epoch."""
     for name in PAPER:
         done, total = progress(runs, name)
         if done < total:
@@ -92,14 +93,14 @@ def next_unfinished(runs):
 
 
 def train_part(name, runs, minutes, device, extra):
-    """Start or resume the run for at most `minutes` of training; False when it had already ended."""
+    """Start or resume the run for `minutes` of training (None: to its --epoch), unless it has ended."""
     dataset, preset = experiment(name)
     folder = run_folder(runs, name)
     done, total = progress(runs, name)
     total = script_flags(extra).epoch or total   # a run may be extended with -- --epoch N
     if done >= total:
         print(f'{name}: complete at step {done}; evaluating only.')
-        return False
+        return
     script = [sys.executable, os.path.join(REPO, SCRIPTS[dataset])]
     where = (['--resume', os.path.join(folder, 'last.pth')] if done else ['--preset', preset, '--save_dir', folder])
     budget = ['--time_budget', str(minutes)] if minutes else []
@@ -108,7 +109,6 @@ def train_part(name, runs, minutes, device, extra):
     if subprocess.run(cmd).returncode != 0:
         raise RunError(f'the training part of {name} failed (its message is above); its folder {folder} '
                        f'keeps every checkpoint written before, so fix the cause and run this again.')
-    return True
 
 
 def collect(name, runs, results, device, extra):
