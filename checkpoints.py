@@ -25,10 +25,13 @@ import re
 import shutil
 
 import torch
+from torch.utils._pytree import tree_flatten
 
-from errors import RunError
+from errors import DamagedError, RunError
+from meta import load_checkpoint
 
 RANKED = re.compile(r'^maml_step(\d+)_acc(\d+\.\d+)\.pth$')
+OWN_TEMPORARY = re.compile(r'^(best\.pth|last\.pth|metrics\.csv|maml_step\d+_acc\d+\.\d+\.pth)\.tmp$')
 
 
 def atomic_save(obj, path):
@@ -41,8 +44,10 @@ def atomic_save(obj, path):
 
 
 def check_finite(ckpt, step):
-    """Refuse to save weights that are not all finite (a diverged run must not overwrite good files)."""
-    bad = sum(int((~t.isfinite()).sum()) for t in ckpt['model'].values() if t.is_floating_point())
+    """Refuse to save weights that are not all finite (a diverged run must not overwrite good files):
+    the net's and the family's meta-parameters and running statistics."""
+    tensors = tree_flatten([ckpt['model'], ckpt.get('family', {}).get('extras', {})])[0]
+    bad = sum(int((~t.isfinite()).sum()) for t in tensors if isinstance(t, torch.Tensor) and t.is_floating_point())
     if bad:
         raise RunError(f"The meta-parameters hold {bad} non-finite values at step {step}, so nothing was "
                        f"saved; lower --meta_lr or --update_lr, or set --grad_clip, and resume from last.pth.")
@@ -57,12 +62,24 @@ def read_metrics(folder):
         return list(csv.DictReader(f))
 
 
+def best_step(path):
+    """The step of a best.pth, or infinity when it is damaged (so that rollback replaces it)."""
+    try:
+        return load_checkpoint(path, map_location='cpu')['step']
+    except DamagedError:
+        return float('inf')
+
+
 class RunDir:
 
     def __init__(self, save_dir, keep):
         self.dir, self.keep = save_dir, keep
-        os.makedirs(save_dir, exist_ok=True)
-        self._lock = open(self.path('.lock'), 'a+')
+        try:
+            os.makedirs(save_dir, exist_ok=True)
+            self._lock = open(self.path('.lock'), 'a+')
+        except OSError as e:
+            raise RunError(f"--save_dir {save_dir} cannot hold a run ({e.strerror}); pass a folder this "
+                           f"user can write to.") from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -70,7 +87,7 @@ class RunDir:
             raise RunError(f"Another run is writing to {save_dir}; wait for it to end or pass another "
                            f"--save_dir.") from None
         for name in os.listdir(save_dir):
-            if name.endswith('.tmp'):   # left by a kill between write and rename
+            if OWN_TEMPORARY.match(name):   # left by a kill between write and rename
                 os.remove(self.path(name))
         self.ranked = sorted(((float(m[2]), int(m[1]), self.path(f))
                               for f in os.listdir(save_dir) if (m := RANKED.match(f))), reverse=True)
@@ -81,18 +98,31 @@ class RunDir:
     def close(self):
         self._lock.close()   # releases the flock
 
+    def has_checkpoints(self):
+        return bool(self.ranked) or any(os.path.exists(self.path(f)) for f in ('best.pth', 'last.pth'))
+
     def is_empty(self):
-        return not self.ranked and not any(os.path.exists(self.path(f)) for f in ('best.pth', 'last.pth',
-                                                                                   'metrics.csv'))
+        return not self.has_checkpoints() and not os.path.exists(self.path('metrics.csv'))
 
     def holds(self, path):
         """Whether `path` is a file of this run folder."""
         return os.path.realpath(os.path.dirname(path)) == os.path.realpath(self.dir)
 
     def save(self, ckpt, row):
-        """Record one evaluation: ckpt holds 'step' and 'acc'; row is its metrics.csv line."""
+        """Record one evaluation: ckpt holds 'step' and 'acc'; row is its metrics.csv line. A failed
+        write (a full disk) ends the run in one sentence; last.pth still holds the previous evaluation."""
+        check_finite(ckpt, ckpt['step'])
+        try:
+            self._save(ckpt, row)
+        except OSError as e:
+            last = self.path('last.pth')
+            then = (f"resume from {last}, which is complete" if os.path.exists(last) else
+                    "start again: nothing of this run had been saved yet")
+            raise RunError(f"writing to {self.dir} failed at step {ckpt['step']} ({e.strerror or e}); make room "
+                           f"there and {then}.") from None
+
+    def _save(self, ckpt, row):
         step, acc = ckpt['step'], ckpt['acc']
-        check_finite(ckpt, step)
         enters = len(self.ranked) < self.keep or acc > self.ranked[-1][0]
         if enters:
             path = self.path(f'maml_step{step}_acc{acc:.4f}.pth')
@@ -112,7 +142,7 @@ class RunDir:
             os.remove(entry[2])
             self.ranked.remove(entry)
         best = self.path('best.pth')
-        if os.path.exists(best) and torch.load(best, map_location='cpu', weights_only=True)['step'] > step:
+        if os.path.exists(best) and best_step(best) > step:
             if self.ranked:
                 shutil.copyfile(self.ranked[0][2], best + '.tmp')
                 os.replace(best + '.tmp', best)
@@ -129,20 +159,15 @@ class RunDir:
         rows = [r for r in read_metrics(other_dir) if int(r['step']) <= step]
         if rows:
             self._write_rows(rows, fields=list(rows[0]))
+        elif os.path.exists(self.path('metrics.csv')):
+            os.remove(self.path('metrics.csv'))
 
     def rows(self):
         return read_metrics(self.dir)
 
     def _append_row(self, row):
-        path = self.path('metrics.csv')
-        new = not os.path.exists(path)
-        with open(path, 'a', newline='') as f:
-            writer = csv.DictWriter(f, list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
-            f.flush()
-            os.fsync(f.fileno())
+        rows = self.rows()
+        self._write_rows(rows + [row], fields=list(rows[0]) if rows else list(row))
 
     def _write_rows(self, rows, fields):
         path = self.path('metrics.csv')

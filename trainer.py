@@ -24,7 +24,7 @@ from tqdm import tqdm
 import distributed
 from checkpoints import RunDir, atomic_save
 from errors import FlagError, RunError, UserError
-from meta import Meta
+from meta import Meta, load_checkpoint
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
 
@@ -147,8 +147,14 @@ def open_run_dir(args):
                            f"--resume {run.path('last.pth')}, or pass another --save_dir.")
         return run
     if run.holds(args.resume):
+        last = run.path('last.pth')
+        if os.path.exists(last) and ckpt['step'] < load_checkpoint(last, map_location='cpu')['step']:
+            run.close()
+            raise RunError(f"{args.resume} is an earlier checkpoint of the run in {args.save_dir}; continuing "
+                           f"there would discard the evaluations after it, so resume from "
+                           f"{last}, or branch from it into an empty --save_dir.")
         run.rollback(ckpt['step'])
-    elif run.is_empty():
+    elif not run.has_checkpoints():   # empty, or holding only what an interrupted resume had adopted
         run.adopt_metrics(os.path.dirname(args.resume), ckpt['step'])
     else:
         run.close()

@@ -157,6 +157,27 @@ def test_a_time_budget_ends_the_run_with_an_evaluation(tmp_path):
     assert torch.load(tmp_path / 'last.pth', weights_only=True)['step'] == 3
 
 
+def test_resuming_an_earlier_checkpoint_in_place_is_refused_and_touches_nothing(tmp_path):
+    maml, loader = make_meta(), ListLoader()
+    args = fit_args(tmp_path, epoch=6, keep=3)
+    fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(), args).close()
+    earlier = [f for f in os.listdir(tmp_path) if f.startswith('maml_step2_')]
+    before = snapshot(tmp_path)
+    with pytest.raises(RunError, match='is an earlier checkpoint of the run in .* discard the evaluations after it'):
+        run_fit(tmp_path, epoch=8, resume=str(tmp_path / earlier[0]))
+    assert snapshot(tmp_path) == before
+    run_fit(tmp_path, epoch=8, resume=str(tmp_path / 'last.pth'))   # its own last.pth: fine
+    run_fit(tmp_path / 'branch', epoch=8, resume=str(tmp_path / earlier[0]))   # into an empty folder: fine
+
+
+def test_a_resume_into_a_new_folder_interrupted_before_its_first_evaluation_can_be_rerun(tmp_path):
+    run_fit(tmp_path / 'a', epoch=4)
+    (tmp_path / 'b').mkdir()
+    (tmp_path / 'b' / 'metrics.csv').write_bytes((tmp_path / 'a' / 'metrics.csv').read_bytes())   # adopted, then ^C
+    run_fit(tmp_path / 'b', epoch=6, resume=str(tmp_path / 'a' / 'last.pth'))
+    assert [r['step'] for r in checkpoints.read_metrics(tmp_path / 'b')] == ['2', '4', '6']
+
+
 def test_a_folder_whose_run_never_wrote_last_pth_is_named_not_resumed(tmp_path):
     run_fit(tmp_path, epoch=2)
     os.remove(tmp_path / 'last.pth')   # as a kill inside the first evaluation leaves it
@@ -318,3 +339,40 @@ def fake_ckpt(step, acc):
 def snapshot(folder):
     """Every file under `folder` with its bytes."""
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name != '.lock'}
+
+
+def test_a_run_folder_that_cannot_be_one_is_one_sentence_and_only_its_own_temporaries_go(tmp_path):
+    (tmp_path / 'a_file').write_text('x')
+    with pytest.raises(RunError, match='cannot hold a run'):
+        RunDir(str(tmp_path / 'a_file'), keep=2)
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'notes.tmp').write_text('a user file')
+    (folder / 'best.pth.tmp').write_text('half a checkpoint')
+    RunDir(str(folder), keep=2).close()
+    assert sorted(os.listdir(folder)) == ['.lock', 'notes.tmp']
+
+
+def test_a_damaged_best_pth_is_rebuilt_on_resume(tmp_path):
+    run_fit(tmp_path, epoch=4)
+    (tmp_path / 'best.pth').write_bytes(b'not a checkpoint')
+    run_fit(tmp_path, epoch=6, resume=str(tmp_path / 'last.pth'))
+    assert load_checkpoint(str(tmp_path / 'best.pth'))['step'] in (2, 4, 6)
+
+
+def test_a_full_disk_ends_the_run_in_one_sentence_and_keeps_last_pth(tmp_path, monkeypatch):
+    run_fit(tmp_path, epoch=2)
+    before = snapshot(tmp_path)
+
+    def full_disk(obj, path):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(checkpoints, 'atomic_save', full_disk)
+    with pytest.raises(RunError, match=r'failed at step 4 \(No space left on device\); make room there and resume from'):
+        run_fit(tmp_path, epoch=4, resume=str(tmp_path / 'last.pth'))
+    assert snapshot(tmp_path)['last.pth'] == before['last.pth']
+
+
+def test_non_finite_family_meta_parameters_are_never_saved():
+    ckpt = {'model': {'w': torch.ones(2)}, 'family': {'extras': {'lslr.0': torch.tensor([0.4, float('nan')])}}}
+    with pytest.raises(RunError, match='1 non-finite values at step 3'):
+        checkpoints.check_finite(ckpt, 3)
