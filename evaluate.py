@@ -27,7 +27,7 @@ from errors import FlagError
 from meta import Meta, load_checkpoint
 from MiniImagenet import MiniImagenetCache
 from presets import DEFAULTS
-from trainer import device_name, evaluate, format_accs, mean_ci, run_main, tune
+from trainer import available_device, device_name, evaluate, format_accs, mean_ci, run_main, tune
 
 DATA_ROOTS = {'omniglot': omniglot_train.DATA_ROOT, 'miniimagenet': miniimagenet_train.DATA_ROOT}
 EVAL_BATCH = miniimagenet_train.EVAL_BATCH   # the same batches as the script's report: the same tasks
@@ -107,7 +107,7 @@ def main(argv=None):
     flags = p.parse_args(argv)
     if flags.tasks < 2:
         raise FlagError(f"--tasks {flags.tasks} gives no confidence interval; use at least 2 (the paper: 600).")
-    device = torch.device(flags.device)
+    device = available_device(flags.device)
     tune(device)
     ckpt = load_checkpoint(flags.checkpoint, map_location=device)
     settings = settings_of(ckpt, flags.checkpoint, flags)

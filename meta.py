@@ -25,6 +25,8 @@ The loop over tasks (line 4) is `torch.func.vmap`. Inner gradients come from `to
 whose result stays differentiable with respect to theta, so `loss.backward()` yields the true
 second-order meta-gradient; with `first_order` they are detached (the paper's first-order MAML).
 """
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -275,6 +277,12 @@ def load_checkpoint(path, map_location=None):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise MissingError(f"Checkpoint {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise MissingError(f"{path} is a folder, not a checkpoint; pass a .pth file in it, such as "
+                           f"{os.path.join(path, 'best.pth')}.") from None
+    except PermissionError:
+        raise MissingError(f"Checkpoint {path} cannot be opened by this user (permission denied); "
+                           f"change its permissions or copy it.") from None
     except Exception as e:
         raise DamagedError(f"Checkpoint {path} cannot be read ({type(e).__name__}); the file is damaged "
                            f"or not a MAML checkpoint, so load another one such as best.pth.") from None

@@ -32,15 +32,21 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (mall
 def setup_device(args):
     """The torch.device of --device, seeded; on CUDA with the cuDNN autotuner and TF32 on. Under
     torchrun, this process joins the process group and gets its rank's device (distributed.init)."""
-    device = torch.device(args.device)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise FlagError(f"--device {args.device} was asked for but this machine has no CUDA GPU; use --device cpu.")
+    device = available_device(args.device)
     if args.amp and device.type != 'cuda':
         raise FlagError("--amp (bf16 autocast) is for CUDA devices; drop it on the CPU.")
     device = distributed.init(device)
     distributed.local_tasks(args.task_num)   # refuses a meta-batch that does not split over the ranks
     torch.manual_seed(args.seed)
     tune(device)
+    return device
+
+
+def available_device(name):
+    """torch.device(name), refused in one sentence when it is a GPU this machine lacks."""
+    device = torch.device(name)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise FlagError(f"--device {name} was asked for but this machine has no CUDA GPU; use --device cpu.")
     return device
 
 

@@ -12,7 +12,7 @@ from errors import DamagedError, FlagError, MissingError, RunError
 from flags import make_parser, parse_args
 from meta import Meta, load_checkpoint
 from test_meta import make_meta, make_tasks
-from trainer import fit
+from trainer import available_device, fit
 
 
 def test_round_trip_rebuilds_an_identical_model(tmp_path):
@@ -376,3 +376,11 @@ def test_non_finite_family_meta_parameters_are_never_saved():
     ckpt = {'model': {'w': torch.ones(2)}, 'family': {'extras': {'lslr.0': torch.tensor([0.4, float('nan')])}}}
     with pytest.raises(RunError, match='1 non-finite values at step 3'):
         checkpoints.check_finite(ckpt, 3)
+
+
+def test_a_folder_or_an_absent_gpu_is_named_in_one_sentence(tmp_path):
+    with pytest.raises(MissingError, match='is a folder, not a checkpoint; pass a .pth file in it'):
+        load_checkpoint(str(tmp_path))
+    if not torch.cuda.is_available():
+        with pytest.raises(FlagError, match='--device cuda was asked for but this machine has no CUDA GPU'):
+            available_device('cuda')
