@@ -40,6 +40,7 @@ import os
 import shutil
 import urllib.error
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -92,8 +93,13 @@ def _extract(archive, root, part):
                 zf.extract(member, scratch)
         if not os.path.isdir(os.path.join(scratch, part)):
             raise DamagedError(f"{archive} holds no {part}/ folder; replace it with the official archive.")
-        os.replace(os.path.join(scratch, part), os.path.join(root, part))
-    except zipfile.BadZipFile:
+        try:
+            os.replace(os.path.join(scratch, part), os.path.join(root, part))
+        except OSError:
+            if not os.path.isdir(os.path.join(root, part)):
+                raise
+            # another run on this root extracted it first (its rename is atomic, so it is whole)
+    except (zipfile.BadZipFile, zlib.error, EOFError):
         raise DamagedError(f"{archive} is not a valid zip file (damaged or cut short); delete it "
                            f"and run again to download it, or replace it with the official archive.") from None
     finally:
@@ -156,8 +162,9 @@ def load_images(root, imgsz, preprocess='official', download=True):
             print(f"Omniglot cache {cache} is unreadable; rebuilding it from the images.")
     images, classes = [], []
     for folder in fetch_archives(root, download):
-        characters = [(alphabet, character) for alphabet in sorted(os.listdir(folder))
-                      for character in sorted(os.listdir(os.path.join(folder, alphabet)))]
+        subfolders = lambda path: sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f)))
+        characters = [(alphabet, character) for alphabet in subfolders(folder)   # no stray files (.DS_Store)
+                      for character in subfolders(os.path.join(folder, alphabet))]
         for alphabet, character in tqdm(characters, desc=f'decoding {os.path.basename(folder)}', unit='class',
                                         leave=False, disable=None):
             path = os.path.join(folder, alphabet, character)
@@ -170,8 +177,9 @@ def load_images(root, imgsz, preprocess='official', download=True):
         if os.path.basename(folder) == 'images_background':
             background = len(classes)
     images = torch.from_numpy(np.stack(images))
-    torch.save({'images': images, 'classes': classes, 'background': background}, cache + '.tmp')
-    os.replace(cache + '.tmp', cache)
+    scratch = f'{cache}.{os.getpid()}.tmp'   # a name of this process's own: concurrent first runs do not collide
+    torch.save({'images': images, 'classes': classes, 'background': background}, scratch)
+    os.replace(scratch, cache)
     return images, classes, background
 
 

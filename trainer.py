@@ -309,6 +309,6 @@ def run_main(main):
             raise
         sys.exit(f'error: {e}' if distributed.is_main() else 1)
     except KeyboardInterrupt:
-        sys.exit('interrupted before training started; nothing was written.')
+        sys.exit('interrupted outside training; every file written so far is complete.')
     finally:
         distributed.leave()

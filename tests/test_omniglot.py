@@ -318,3 +318,26 @@ def test_extraction_stays_inside_root_and_needs_the_expected_folder(tmp_path):
     assert not list(tmp_path.rglob('escaped.txt')) and not list(tmp_path.rglob('something_else'))
     assert sorted(os.listdir(root)) == ['images_background.zip']
 
+
+
+def test_a_damaged_member_of_a_zip_is_named(tmp_path):
+    with zipfile.ZipFile(tmp_path / 'images_background.zip', 'w', zipfile.ZIP_DEFLATED) as z:
+        z.writestr('images_background/A/c/1.png', bytes(range(256)) * 200)
+    data = bytearray((tmp_path / 'images_background.zip').read_bytes())
+    data[80:120] = b'\xaa' * 40   # inside the member's deflate stream: zlib fails, not the CRC check
+    (tmp_path / 'images_background.zip').write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match='images_background.zip is not a valid zip file'):
+        fetch_archives(str(tmp_path), download=False)
+
+
+def test_stray_files_beside_the_alphabets_are_ignored(tmp_path):
+    for part, alphabet in (('images_background', 'Latin'), ('images_evaluation', 'Greek')):
+        character = tmp_path / part / alphabet / 'character01'
+        character.mkdir(parents=True)
+        for i in range(DRAWINGS):
+            Image.new('1', (105, 105), 1).save(character / f'{i:02d}.png')
+        (tmp_path / part / '.DS_Store').write_bytes(b'finder')
+        (tmp_path / part / alphabet / 'notes.txt').write_text('a stray file')
+    images, classes, background = omniglotNShot.load_images(str(tmp_path), 28)
+    assert classes == ['Latin/character01', 'Greek/character01'] and background == 1
+    assert images.shape == (2, DRAWINGS, 28, 28)
