@@ -38,7 +38,8 @@ def task_sampler(settings, device, split):
     n_way, k_spt, k_qry = settings.n_way, settings.k_spt, settings.k_qry_test
     if settings.dataset == 'omniglot':
         # the training script draws its evaluation tasks task_num at a time: the same draw gives the same tasks
-        db = omniglot_train.make_loader(settings, device)
+        # the training-time k_qry plays no part here: only the evaluation's counts are checked
+        db = omniglot_train.make_loader(argparse.Namespace(**{**vars(settings), 'k_qry': k_qry}), device)
         db.reset(split, settings.seed)
         return lambda: db.next(split, k_query=k_qry)
     cache = MiniImagenetCache(settings.data, split, resize=settings.imgsz, device=device,
