@@ -244,13 +244,17 @@ class MiniImagenetCache:
         Processes, not threads: on 84x84 JPEGs the per-image Python work holds the GIL, so threads
         were no faster than one, while 16 processes decode about 5x faster (16-core machine).
         """
+        tmp_path = f'{self.cache_path}.tmp{os.getpid()}'
         try:
             os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
-            tmp_path = f'{self.cache_path}.tmp{os.getpid()}'
             np.lib.format.open_memmap(tmp_path, mode='w+', dtype=np.uint8, shape=shape).flush()
+            with open(tmp_path, 'r+b') as f:   # reserve the blocks now: a full disk is an error here,
+                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp_path))   # not a SIGBUS in a worker
         except OSError as e:
-            raise RunError(f"cannot write the image cache {self.cache_path} ({e}); pass "
-                               f"cache_dir= a writable folder.") from None
+            if os.path.exists(tmp_path):
+                os.remove(tmp_path)
+            raise RunError(f"cannot write the image cache {self.cache_path} ({e}); free space there or pass "
+                           f"cache_dir= a writable folder.") from None
         total = shape[0]
         # about 4 jobs per worker, so that a slow worker does not hold up the end
         chunk = max(1, min(DECODE_CHUNK, -(-total // (4 * num_workers))))

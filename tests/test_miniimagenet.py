@@ -322,6 +322,15 @@ def test_an_unwritable_cache_folder_says_to_pass_another(root):
         MiniImagenetCache(str(root), 'train', cache_dir=str(root / 'blocker' / 'cache'))
 
 
+def test_a_full_disk_is_named_before_decoding_and_leaves_no_partial_cache(root, tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'posix_fallocate', full)
+    with pytest.raises(RuntimeError, match=r"cannot write the image cache .*No space left on device.*free space"):
+        MiniImagenetCache(str(root), 'train', cache_dir=str(tmp_path / 'cache'))
+    assert os.listdir(tmp_path / 'cache') == []
+
+
 # the real val split
 
 def test_absent_real_data_skips_unless_required(tmp_path, monkeypatch):
