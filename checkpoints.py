@@ -62,6 +62,14 @@ def read_metrics(folder):
         return list(csv.DictReader(f))
 
 
+def stored_acc(path, named):
+    """The accuracy a ranked checkpoint stores (its name rounds it to 4 digits), else the named one."""
+    try:
+        return float(load_checkpoint(path, map_location='cpu')['acc'])
+    except DamagedError:
+        return named
+
+
 def best_step(path):
     """The step of a best.pth, or infinity when it is damaged (so that rollback replaces it)."""
     try:
@@ -89,7 +97,7 @@ class RunDir:
         for name in os.listdir(save_dir):
             if OWN_TEMPORARY.match(name):   # left by a kill between write and rename
                 os.remove(self.path(name))
-        self.ranked = sorted(((float(m[2]), int(m[1]), self.path(f))
+        self.ranked = sorted(((stored_acc(self.path(f), float(m[2])), int(m[1]), self.path(f))
                               for f in os.listdir(save_dir) if (m := RANKED.match(f))), reverse=True)
 
     def path(self, name):

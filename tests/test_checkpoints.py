@@ -384,3 +384,14 @@ def test_a_folder_or_an_absent_gpu_is_named_in_one_sentence(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(FlagError, match='--device cuda was asked for but this machine has no CUDA GPU'):
             available_device('cuda')
+
+
+def test_ranking_after_a_resume_uses_the_stored_accuracy_not_the_rounded_name(tmp_path):
+    ckpt = make_meta().checkpoint(step=2, acc=0.95004)
+    run = RunDir(str(tmp_path), keep=2)
+    run.save(ckpt, {'step': 2, 'val_acc': 0.95004})
+    run.close()
+    reopened = RunDir(str(tmp_path), keep=2)
+    reopened.save({**ckpt, 'step': 4, 'acc': 0.95001}, {'step': 4, 'val_acc': 0.95001})
+    reopened.close()
+    assert load_checkpoint(str(tmp_path / 'best.pth'))['step'] == 2, '0.95001 does not beat 0.95004'
