@@ -159,7 +159,6 @@ class RunDir:
         rows = self.rows()
         if any(int(r['step']) > step for r in rows):
             self._write_rows([r for r in rows if int(r['step']) <= step], fields=list(rows[0]))
-        self.ranked = self.ranked[:self.keep]
 
     def adopt_metrics(self, other_dir, step):
         """Start this (empty) folder's metrics.csv with another run folder's rows up to `step`, for a

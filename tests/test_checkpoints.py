@@ -166,8 +166,8 @@ def test_resuming_an_earlier_checkpoint_in_place_is_refused_and_touches_nothing(
     with pytest.raises(RunError, match='is an earlier checkpoint of the run in .* discard the evaluations after it'):
         run_fit(tmp_path, epoch=8, resume=str(tmp_path / earlier[0]))
     assert snapshot(tmp_path) == before
-    run_fit(tmp_path, epoch=8, resume=str(tmp_path / 'last.pth'))   # its own last.pth: fine
     run_fit(tmp_path / 'branch', epoch=8, resume=str(tmp_path / earlier[0]))   # into an empty folder: fine
+    run_fit(tmp_path, epoch=8, resume=str(tmp_path / 'last.pth'))   # its own last.pth: fine
 
 
 def test_a_resume_into_a_new_folder_interrupted_before_its_first_evaluation_can_be_rerun(tmp_path):
@@ -395,3 +395,11 @@ def test_ranking_after_a_resume_uses_the_stored_accuracy_not_the_rounded_name(tm
     reopened.save({**ckpt, 'step': 4, 'acc': 0.95001}, {'step': 4, 'val_acc': 0.95001})
     reopened.close()
     assert load_checkpoint(str(tmp_path / 'best.pth'))['step'] == 2, '0.95001 does not beat 0.95004'
+
+
+def test_a_lower_keep_on_resume_evicts_the_extra_checkpoints_at_the_next_evaluation(tmp_path):
+    run_fit(tmp_path, epoch=4)   # keep=2: two ranked files
+    maml, loader = make_meta(), ListLoader()
+    args = fit_args(tmp_path, epoch=6, resume=str(tmp_path / 'last.pth'), keep=1)
+    fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(), args).close()
+    assert len([f for f in os.listdir(tmp_path) if f.startswith('maml_step')]) == 1
