@@ -239,6 +239,10 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
             "no checkpoint had been written yet.")) from None
     finally:
         bar.close()
+    if step > start and distributed.is_main():
+        print(f'trained to step {step} in {format_duration(time.perf_counter() - run_start)} of wall time '
+              f'(evaluations included; the run so far: {format_duration(elapsed + time.perf_counter() - run_start)})',
+              flush=True)
     return run
 
 

@@ -42,6 +42,7 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     second = part(tmp_path, 'omniglot/paper-5w1s', '--minutes', '1e-6', extra=['--data', omniglot_root, '--epoch', '8'])
     assert second.returncode == 0, second.stderr
     assert 'resumed from' in second.stdout and '--time_budget of 1e-06 min reached' in second.stdout
+    assert 'trained to step 6 in' in second.stdout and 'of wall time (evaluations included; the run so far' in second.stdout
     with open(tmp_path / 'results' / 'omniglot-paper-5w1s.csv') as f:
         assert [r['step'] for r in csv.DictReader(f)] == ['2', '4', '6'], 'the budget ends the part at its first log'
 
