@@ -108,13 +108,18 @@ def _extract(archive, root, part):
 
 
 def _remove_stale_scratch(root):
-    """Delete the scratch folders of extractions whose process is gone (killed midway): a live
-    process's folder stays, so concurrent runs on one root do not disturb each other."""
+    """Delete the scratch folders of extractions and the partial downloads whose process is gone
+    (killed midway): a live process's stay, so concurrent runs on one root do not disturb each other."""
     for name in os.listdir(root):
         if name.startswith(SCRATCH_PREFIX):
             pid = name[len(SCRATCH_PREFIX):].partition('-')[0]
-            if not (pid.isdigit() and _process_exists(int(pid))):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        elif name.endswith('.part'):
+            pid = name[:-len('.part')].rpartition('.')[2]
+        else:
+            continue
+        if not (pid.isdigit() and _process_exists(int(pid))):
+            path = os.path.join(root, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
 def _process_exists(pid):
@@ -130,7 +135,7 @@ def _process_exists(pid):
 def _download(url, root, archive, md5):
     """Download to a temporary name, check the MD5, then rename: a cut or corrupt download never
     takes the archive's place."""
-    partial = os.path.basename(archive) + '.part'
+    partial = f'{os.path.basename(archive)}.{os.getpid()}.part'   # concurrent first runs download apart
     try:
         download_url(url, root, filename=partial, md5=md5)
     except (urllib.error.URLError, OSError) as e:

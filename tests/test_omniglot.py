@@ -243,12 +243,15 @@ def test_a_killed_extractions_scratch_folder_is_removed_by_the_next_run(omniglot
     root = tmp_path / 'root'
     shutil.copytree(omniglot_root, root)
     dead, legacy, alive = (root / n for n in ('.extracting-999999999-images_background', '.extracting-x1b2',
-                                              f'.extracting-{os.getpid()}-images_evaluation'))
+                                              f'.extracting-{os.getppid()}-images_evaluation'))
     for scratch in (dead, legacy, alive):
         (scratch / 'images_background').mkdir(parents=True)
+    dead_download, live_download = root / 'images_background.zip.999999999.part', root / f'x.zip.{os.getppid()}.part'
+    dead_download.write_bytes(b'cut short')
+    live_download.write_bytes(b'under way')
     OmniglotNShot(str(root), batchsz=2, n_way=5, k_shot=1, k_query=1)
-    assert not dead.exists() and not legacy.exists()
-    assert alive.exists(), "a running extraction's folder is left alone"
+    assert not dead.exists() and not legacy.exists() and not dead_download.exists() and live_download.exists()
+    assert alive.exists(), "a running extraction's folder (another live process's) is left alone"
 
 
 def test_seed_style_processed_extraction_is_used_without_network(omniglot_root, tmp_path):
