@@ -62,20 +62,12 @@ def read_metrics(folder):
         return list(csv.DictReader(f))
 
 
-def stored_acc(path, named):
-    """The accuracy a ranked checkpoint stores (its name rounds it to 4 digits), else the named one."""
+def stored(path, key, fallback):
+    """checkpoint[key] of the file at path, or `fallback` when the file is damaged."""
     try:
-        return float(load_checkpoint(path, map_location='cpu')['acc'])
+        return load_checkpoint(path, map_location='cpu')[key]
     except DamagedError:
-        return named
-
-
-def best_step(path):
-    """The step of a best.pth, or infinity when it is damaged (so that rollback replaces it)."""
-    try:
-        return load_checkpoint(path, map_location='cpu')['step']
-    except DamagedError:
-        return float('inf')
+        return fallback
 
 
 class RunDir:
@@ -97,7 +89,8 @@ class RunDir:
         for name in os.listdir(save_dir):
             if OWN_TEMPORARY.match(name):   # left by a kill between write and rename
                 os.remove(self.path(name))
-        self.ranked = sorted(((stored_acc(self.path(f), float(m[2])), int(m[1]), self.path(f))
+        # ranked by the accuracy each file stores: the names round it to 4 digits
+        self.ranked = sorted(((float(stored(self.path(f), 'acc', float(m[2]))), int(m[1]), self.path(f))
                               for f in os.listdir(save_dir) if (m := RANKED.match(f))), reverse=True)
 
     def path(self, name):
@@ -150,7 +143,7 @@ class RunDir:
             os.remove(entry[2])
             self.ranked.remove(entry)
         best = self.path('best.pth')
-        if os.path.exists(best) and best_step(best) > step:
+        if os.path.exists(best) and stored(best, 'step', float('inf')) > step:   # a damaged one is replaced
             if self.ranked:
                 shutil.copyfile(self.ranked[0][2], best + '.tmp')
                 os.replace(best + '.tmp', best)

@@ -120,7 +120,8 @@ def collect(name, runs, results, device, extra):
         raise RunError(f'{folder} holds no best.pth yet (no evaluation has run); train it longer.')
     os.makedirs(results, exist_ok=True)
     report = os.path.join(results, f'{stem}-test.json')
-    data = ['--data', script_flags(extra).data] if script_flags(extra).data else []
+    data_root = script_flags(extra).data
+    data = ['--data', data_root] if data_root else []
     tasks = load_checkpoint(best, map_location='cpu')['args']['test_tasks']   # the run's final report's
     cmd = [sys.executable, os.path.join(REPO, 'evaluate.py'), best, '--json', report, '--device', device,
            '--tasks', str(tasks)] + data
