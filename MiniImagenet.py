@@ -122,6 +122,21 @@ def load_image(path, resize):
                            f"archive.") from None
 
 
+def _remove_killed_builds(cache_path):
+    """Delete the <cache>.tmp<pid> files of builds whose process is gone (killed midway: each is as
+    large as the cache, up to about 0.8 GB); a live process's build, on the same cache, goes on."""
+    folder, prefix = os.path.dirname(cache_path), os.path.basename(cache_path) + '.tmp'
+    for name in os.listdir(folder):
+        pid = name[len(prefix):]
+        if name.startswith(prefix) and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                os.remove(os.path.join(folder, name))
+            except PermissionError:   # a live process of another user
+                pass
+
+
 def _decode_into(job):
     """Decode a job's images into its rows of the cache .npy being built; returns how many."""
     path, start, filenames, resize = job
@@ -247,6 +262,7 @@ class MiniImagenetCache:
         tmp_path = f'{self.cache_path}.tmp{os.getpid()}'
         try:
             os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
+            _remove_killed_builds(self.cache_path)
             np.lib.format.open_memmap(tmp_path, mode='w+', dtype=np.uint8, shape=shape).flush()
             with open(tmp_path, 'r+b') as f:   # reserve the blocks now: a full disk is an error here,
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp_path))   # not a SIGBUS in a worker

@@ -108,13 +108,13 @@ def _extract(archive, root, part):
 
 
 def _remove_stale_scratch(root):
-    """Delete the scratch folders of extractions and the partial downloads whose process is gone
+    """Delete the scratch folders of extractions, the partial downloads and caches whose process is gone
     (killed midway): a live process's stay, so concurrent runs on one root do not disturb each other."""
     for name in os.listdir(root):
         if name.startswith(SCRATCH_PREFIX):
             pid = name[len(SCRATCH_PREFIX):].partition('-')[0]
-        elif name.endswith('.part'):
-            pid = name[:-len('.part')].rpartition('.')[2]
+        elif name.endswith('.part') or (name.startswith('omniglot_') and name.endswith('.tmp')):   # <name>.<pid>.part|tmp
+            pid = name.rpartition('.')[0].rpartition('.')[2]
         else:
             continue
         if not (pid.isdigit() and _process_exists(int(pid))):

@@ -331,6 +331,18 @@ def test_a_full_disk_is_named_before_decoding_and_leaves_no_partial_cache(root, 
     assert os.listdir(tmp_path / 'cache') == []
 
 
+
+def test_a_killed_builds_partial_cache_is_removed_by_the_next_build(root):
+    cache_path = Path(MiniImagenetCache(str(root), 'train', num_workers=1).cache_path)
+    cache_path.unlink()
+    killed, running = (Path(f'{cache_path}.tmp{pid}') for pid in (999999999, os.getppid()))
+    killed.write_bytes(b'cut short')
+    running.write_bytes(b'under way')
+    MiniImagenetCache(str(root), 'train', num_workers=1)
+    assert cache_path.exists() and not killed.exists()
+    assert running.exists(), "another live process's build of the same cache is left alone"
+
+
 # the real val split
 
 def test_absent_real_data_skips_unless_required(tmp_path, monkeypatch):

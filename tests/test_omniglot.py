@@ -249,8 +249,12 @@ def test_a_killed_extractions_scratch_folder_is_removed_by_the_next_run(omniglot
     dead_download, live_download = root / 'images_background.zip.999999999.part', root / f'x.zip.{os.getppid()}.part'
     dead_download.write_bytes(b'cut short')
     live_download.write_bytes(b'under way')
+    dead_cache, live_cache = root / 'omniglot_28_official.pt.999999999.tmp', root / f'omniglot_28_x.pt.{os.getppid()}.tmp'
+    dead_cache.write_bytes(b'cut short')
+    live_cache.write_bytes(b'under way')
     OmniglotNShot(str(root), batchsz=2, n_way=5, k_shot=1, k_query=1)
     assert not dead.exists() and not legacy.exists() and not dead_download.exists() and live_download.exists()
+    assert not dead_cache.exists() and live_cache.exists()
     assert alive.exists(), "a running extraction's folder (another live process's) is left alone"
 
 
