@@ -110,7 +110,10 @@ def test_lake_benchmark_trains_on_background_alphabets_and_tests_within_one_alph
 def test_ctrl_c_names_the_checkpoint_to_resume_from(omniglot_root, tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, 'omniglot_train.py'), '--data', omniglot_root,
                              '--save_dir', str(tmp_path), *QUICK, '--epoch', '100000', '--eval_every', '2',
-                             '--eval_tasks', '8'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             '--eval_tasks', '8'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a suite started in the background (`cmd &`) hands its children SIGINT ignored,
+                            # and Python then installs no KeyboardInterrupt handler: give the child Ctrl-C back
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     evaluations = 0
     for line in proc.stdout:
         evaluations += 'val acc' in line
