@@ -26,6 +26,7 @@ import csv
 import hashlib
 import multiprocessing
 import os
+import re
 import warnings
 
 import numpy as np
@@ -35,6 +36,7 @@ from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError, RunError
 from episodes import draw_tasks
+from scratch import remove_orphans
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,21 +122,6 @@ def load_image(path, resize):
     except OSError as e:    # PIL.UnidentifiedImageError and truncated files are OSErrors
         raise DamagedError(f"cannot decode image {path} ({e}); replace it with the file from the "
                            f"archive.") from None
-
-
-def _remove_killed_builds(cache_path):
-    """Delete the <cache>.tmp<pid> files of builds whose process is gone (killed midway: each is as
-    large as the cache, up to about 0.8 GB); a live process's build, on the same cache, goes on."""
-    folder, prefix = os.path.dirname(cache_path), os.path.basename(cache_path) + '.tmp'
-    for name in os.listdir(folder):
-        pid = name[len(prefix):]
-        if name.startswith(prefix) and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                os.remove(os.path.join(folder, name))
-            except PermissionError:   # a live process of another user
-                pass
 
 
 def _decode_into(job):
@@ -262,7 +249,8 @@ class MiniImagenetCache:
         tmp_path = f'{self.cache_path}.tmp{os.getpid()}'
         try:
             os.makedirs(os.path.dirname(self.cache_path), exist_ok=True)
-            _remove_killed_builds(self.cache_path)
+            build = re.escape(os.path.basename(self.cache_path)) + r'\.tmp(\d+)'   # each as large as the cache
+            remove_orphans(os.path.dirname(self.cache_path), lambda name: (m := re.fullmatch(build, name)) and m[1])
             np.lib.format.open_memmap(tmp_path, mode='w+', dtype=np.uint8, shape=shape).flush()
             with open(tmp_path, 'r+b') as f:   # reserve the blocks now: a full disk is an error here,
                 os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp_path))   # not a SIGBUS in a worker

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError
 from episodes import draw_group_tasks, draw_tasks, group_table
+from scratch import remove_orphans
 
 BASE_URL = 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python/'
 ARCHIVE_MD5 = {'images_background': '68d2efa1b9178cc56df9314c21c6e718',
@@ -107,29 +108,14 @@ def _extract(archive, root, part):
     return os.path.join(root, part)
 
 
-def _remove_stale_scratch(root):
-    """Delete the scratch folders of extractions, the partial downloads and caches whose process is gone
-    (killed midway): a live process's stay, so concurrent runs on one root do not disturb each other."""
-    for name in os.listdir(root):
-        if name.startswith(SCRATCH_PREFIX):
-            pid = name[len(SCRATCH_PREFIX):].partition('-')[0]
-        elif name.endswith('.part') or (name.startswith('omniglot_') and name.endswith('.tmp')):   # <name>.<pid>.part|tmp
-            pid = name.rpartition('.')[0].rpartition('.')[2]
-        else:
-            continue
-        if not (pid.isdigit() and _process_exists(int(pid))):
-            path = os.path.join(root, name)
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-
-
-def _process_exists(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # someone else's process
-        return True
-    return True
+def _scratch_pid(name):
+    """The pid in the name of an extraction's scratch folder, a partial download or a cache being
+    written (<name>.<pid>.part|tmp); None for any other entry of the root."""
+    if name.startswith(SCRATCH_PREFIX):
+        return name[len(SCRATCH_PREFIX):].partition('-')[0]
+    if name.endswith('.part') or (name.startswith('omniglot_') and name.endswith('.tmp')):
+        return name.rpartition('.')[0].rpartition('.')[2]
+    return None
 
 
 def _download(url, root, archive, md5):
@@ -157,7 +143,7 @@ def load_images(root, imgsz, preprocess='official', download=True):
     many of them (the first ones) come from images_background; decoded once and cached at
     <root>/omniglot_<imgsz>_<preprocess>.pt."""
     if os.path.isdir(root):
-        _remove_stale_scratch(root)
+        remove_orphans(root, _scratch_pid)
     cache = os.path.join(root, f'omniglot_{imgsz}_{preprocess}.pt')
     if os.path.isfile(cache):
         try:

@@ -331,7 +331,6 @@ def test_a_full_disk_is_named_before_decoding_and_leaves_no_partial_cache(root, 
     assert os.listdir(tmp_path / 'cache') == []
 
 
-
 def test_a_killed_builds_partial_cache_is_removed_by_the_next_build(root):
     cache_path = Path(MiniImagenetCache(str(root), 'train', num_workers=1).cache_path)
     cache_path.unlink()
