@@ -3,19 +3,21 @@ Meta-step throughput under torchrun (distributed.py) on random Omniglot-shaped t
 15 query images, 28x28, the paper's 64-filter net, one inner step, second order), the global
 meta-batch BENCH_TASKS (default 8) split over the ranks.
 
-    python bench_distributed.py --threads 1                          # one process, one thread
-    torchrun --standalone --nproc_per_node=2 bench_distributed.py    # two ranks (one thread each)
+    python benchmarks/bench_distributed.py --threads 1                          # one process, one thread
+    torchrun --standalone --nproc_per_node=2 benchmarks/bench_distributed.py    # two ranks (one thread each)
 
 Prints one line on rank 0: ranks, threads per rank, ms/step, images/s, and the share of a step
 spent in the gradient all-reduce (timed separately on the same gradients).
 """
 import argparse
 import os
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 import distributed
 from meta import Meta
 from omniglot_train import network

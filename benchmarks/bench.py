@@ -1,11 +1,11 @@
 """
 Speed of one MAML meta-step: the seed's per-task loop against this project's vectorised Meta.
 
-    python bench.py                   # every workload x implementation on the default device
-    python bench.py --quick           # fewer repeats, for a first look
-    python bench.py --device cuda --impls reference meta meta+graphs --csv bench_results.csv
-    python bench.py --loaders         # also: episodes/s of the seed-style DataLoader vs the cache
-    python bench.py --profile omniglot-paper so meta+graphs --trace step.json   # where a step's time goes
+    python benchmarks/bench.py                   # every workload x implementation on the default device
+    python benchmarks/bench.py --quick           # fewer repeats, for a first look
+    python benchmarks/bench.py --device cuda --impls reference meta meta+graphs --csv bench_results.csv
+    python benchmarks/bench.py --loaders         # also: episodes/s of the seed-style DataLoader vs the cache
+    python benchmarks/bench.py --profile omniglot-paper so meta+graphs --trace step.json   # where a step's time goes
 
 Workloads (the seeds' defaults otherwise): Omniglot 5-way 1-shot task_num 32, the paper's Omniglot
 5-way recipe (omniglot-paper: k_qry 1, update_step 1) and MiniImagenet 5-way 1-shot task_num 4,
@@ -48,6 +48,7 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 import miniimagenet_train
 import omniglot_train
 from meta import Meta
