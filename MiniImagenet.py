@@ -35,7 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError, RunError
-from episodes import draw_tasks
+from episodes import draw_tasks, set_generator_state, to_device
 from scratch import remove_orphans
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -183,10 +183,11 @@ class MiniImagenet(torch.utils.data.Dataset):
 class MiniImagenetCache:
     """A split decoded once into root/cache/{mode}_{resize}_{csv sha}.npy; tasks sampled in batches.
 
-    The uint8 images live on `device` when they fit (keep_on_device=None: on CUDA, under half its
-    free memory; on CPU, always, in RAM), so tasks are drawn and gathered there with no host sync;
-    otherwise (or with keep_on_device=False) they stay in host memory, pinned for CUDA, and each
-    batch is gathered on the host and copied with non_blocking=True.
+    Tasks are drawn on the CPU (episodes.py: a seed gives the same tasks on every device). The
+    uint8 images live on `device` when they fit (keep_on_device=None: on CUDA, under half its free
+    memory; on CPU, always, in RAM), and the drawn indices are gathered there; otherwise (or with
+    keep_on_device=False) the images stay in host memory, pinned for CUDA, and each batch is
+    gathered on the host and copied with non_blocking=True.
     """
 
     def __init__(self, root, mode, resize=84, device='cpu', seed=0, cache_dir=None, num_workers=None,
@@ -225,12 +226,11 @@ class MiniImagenetCache:
             keep_on_device = (self.device.type != 'cuda'
                               or images.nbytes < torch.cuda.mem_get_info(self.device)[0] / 2)
         self.on_device = keep_on_device
-        self.index_device = self.device if keep_on_device else torch.device('cpu')
-        self.images = self._to_torch(images, self.index_device,
+        self.images = self._to_torch(images, self.device if keep_on_device else torch.device('cpu'),
                                      pin=not keep_on_device and self.device.type == 'cuda')
-        self.index_table = torch.from_numpy(split['index_table']).to(self.index_device)
-        self.counts = torch.from_numpy(split['counts']).to(self.index_device)
-        self.generator = torch.Generator(device=self.index_device)
+        self.index_table = torch.from_numpy(split['index_table'])
+        self.counts = torch.from_numpy(split['counts'])
+        self.generator = torch.Generator()
         self.reset(seed)
 
     def _load(self, shape):
@@ -301,10 +301,11 @@ class MiniImagenetCache:
         return {'generator': self.generator.get_state()}
 
     def load_state_dict(self, state):
-        self.generator.set_state(state['generator'])
+        set_generator_state(self.generator, state['generator'], f'the mini-ImageNet {self.mode} task stream')
 
     def _gather(self, indices):
-        """Images at indices [b, m] -> normalised float32 [b, m, 3, r, r] on self.device."""
+        """Images at indices [b, m] (CPU, or self.device when the images are there) -> normalised
+        float32 [b, m, 3, r, r] on self.device."""
         if self.on_device:
             batch = self.images.index_select(0, indices.reshape(-1))
         else:
@@ -317,14 +318,17 @@ class MiniImagenetCache:
     def sample(self, batchsz, n_way, k_shot, k_query, generator=None, return_classes=False):
         """batchsz tasks: x_spt [b, n_way*k_shot, 3, r, r], y_spt [b, n_way*k_shot], x_qry, y_qry.
 
-        generator: a torch.Generator on self.index_device, instead of the sampler's own.
-        return_classes: also return classes [b, n_way], indices into class_names, label order.
+        generator: a CPU torch.Generator, instead of the sampler's own.
+        return_classes: also return classes [b, n_way], indices into class_names, label order (CPU).
         """
         if (n_way, k_shot, k_query) != self._checked_task:   # once per task shape, not every step
             check_task(self.split, self.mode, n_way, k_shot, k_query)
             self._checked_task = (n_way, k_shot, k_query)
         classes, support, y_spt, query, y_qry = draw_tasks(
             self.index_table, self.counts, batchsz, n_way, k_shot, k_query, generator or self.generator)
-        batch = (self._gather(support), y_spt.to(self.device, non_blocking=True),
-                 self._gather(query), y_qry.to(self.device, non_blocking=True))
+        if self.on_device:
+            support, y_spt, query, y_qry = to_device((support, y_spt, query, y_qry), self.device)
+        else:
+            y_spt, y_qry = to_device((y_spt, y_qry), self.device)
+        batch = (self._gather(support), y_spt, self._gather(query), y_qry)
         return (*batch, classes) if return_classes else batch

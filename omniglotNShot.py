@@ -33,8 +33,9 @@ three new classes; 'per_task' is the official code's draw: in every task of ever
 class gets one random rotation out of 0/90/180/270, the same for its support and query images,
 so a character appears at most once per task.
 
-The whole set lives on `device` as uint8 and each episode is one gather there, so training does
-no per-step host-to-device copy: that is why no pinned-memory loader is needed for Omniglot.
+The whole set lives on `device` as uint8 and each episode is one gather there; only the drawn
+indices (a few kB) cross from the CPU, where tasks are drawn so that a seed gives the same tasks on
+every device (episodes.py). That is why no pinned-memory loader is needed for Omniglot.
 """
 import os
 import shutil
@@ -49,7 +50,7 @@ from torchvision.datasets.utils import download_url
 from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError
-from episodes import draw_group_tasks, draw_tasks, group_table
+from episodes import draw_group_tasks, draw_tasks, group_table, set_generator_state, to_device
 from scratch import remove_orphans
 
 BASE_URL = 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python/'
@@ -221,13 +222,13 @@ class OmniglotNShot:
                 raise FlagError(f"n_way={n_way} is more than the {len(split_images)} Omniglot {mode} classes; "
                                 f"lower --n_way.")
             self.data[mode] = split_images.reshape(-1, 1, imgsz, imgsz).to(self.device)
-            self.index_table[mode] = torch.arange(len(split_images) * DRAWINGS, device=self.device).view(-1, DRAWINGS)
-            self.counts[mode] = torch.full((len(split_images),), DRAWINGS, device=self.device)
+            self.index_table[mode] = torch.arange(len(split_images) * DRAWINGS).view(-1, DRAWINGS)
+            self.counts[mode] = torch.full((len(split_images),), DRAWINGS)
         self.alphabet_groups = {mode: self._alphabet_groups(mode, n_way) for mode in within_alphabet}
         # rotating a flat image = gathering its pixels at rot90 of the pixel positions
         positions = torch.arange(imgsz * imgsz, device=self.device).view(imgsz, imgsz)
         self.rotated_positions = torch.stack([positions.rot90(k).reshape(-1) for k in range(4)])
-        self.generators = {mode: torch.Generator(self.device) for mode in self.data}
+        self.generators = {mode: torch.Generator() for mode in self.data}   # on the CPU: see episodes.py
         for i, mode in enumerate(self.data):
             self.reset(mode, seed + i)
 
@@ -269,7 +270,7 @@ class OmniglotNShot:
         if mode not in self.data:
             raise FlagError(f"within_alphabet names split {mode!r}, which this loader does not have "
                             f"(it has {', '.join(self.data)}); name only those.")
-        members, sizes = group_table([self.alphabets[c] for c in self.class_ids[mode].tolist()], self.device)
+        members, sizes = group_table([self.alphabets[c] for c in self.class_ids[mode].tolist()])
         if not (sizes >= n_way).any():
             raise FlagError(f"no Omniglot {mode} alphabet has {n_way} characters, so no {n_way}-way task "
                             f"can come from one alphabet; lower --n_way or draw {mode} tasks across alphabets.")
@@ -284,7 +285,7 @@ class OmniglotNShot:
 
     def load_state_dict(self, state):
         for mode, g in self.generators.items():
-            g.set_state(state[mode])
+            set_generator_state(g, state[mode], f'the Omniglot {mode} task stream')
 
     def next(self, mode='train', k_query=None, return_indices=False):
         """One meta-batch of `batchsz` tasks from the `mode` classes, with k_query query images per
@@ -297,10 +298,14 @@ class OmniglotNShot:
                 self.generators[mode])
         groups = self.alphabet_groups.get(mode)
         classes, spt, y_spt, qry, y_qry = draw_group_tasks(*task, *groups) if groups else draw_tasks(*task)
-        x_spt, x_qry = self.data[mode][spt], self.data[mode][qry]
+        drawn = [classes, spt, y_spt, qry, y_qry]
         if self.rotate == 'per_task':
-            turns = torch.randint(4, classes.shape, generator=self.generators[mode], device=self.device)
-            x_spt, x_qry = self._rotate(x_spt, turns.gather(1, y_spt)), self._rotate(x_qry, turns.gather(1, y_qry))
+            turns = torch.randint(4, classes.shape, generator=self.generators[mode])
+            drawn += [turns.gather(1, y_spt), turns.gather(1, y_qry)]
+        classes, spt, y_spt, qry, y_qry, *turns_of = to_device(drawn, self.device)
+        x_spt, x_qry = self.data[mode][spt], self.data[mode][qry]
+        if turns_of:
+            x_spt, x_qry = self._rotate(x_spt, turns_of[0]), self._rotate(x_qry, turns_of[1])
         batch = (x_spt.float().div_(255), y_spt, x_qry.float().div_(255), y_qry)
         return batch + (classes, spt, qry) if return_indices else batch
 

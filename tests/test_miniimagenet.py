@@ -166,6 +166,20 @@ def test_cache_reset_and_generator_repeat_tasks(root):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+def test_cache_draws_on_the_cpu_whatever_the_training_device(root):
+    caches = [MiniImagenetCache(str(root), 'train', seed=4, device=device) for device in ('cpu', 'meta')]
+    for cache in caches:
+        batch = cache.sample(3, 5, 1, 2)
+        assert all(t.device == cache.device for t in batch)
+    on_cpu, on_meta = (cache.state_dict()['generator'] for cache in caches)
+    assert torch.equal(on_cpu, on_meta) and on_cpu.numel() == torch.Generator().get_state().numel()
+    older_gpu_run = {'generator': torch.arange(16, dtype=torch.uint8)}
+    caches[0].load_state_dict(older_gpu_run)
+    first = caches[0].sample(3, 5, 1, 2)
+    caches[0].load_state_dict(older_gpu_run)
+    assert all(torch.equal(a, b) for a, b in zip(first, caches[0].sample(3, 5, 1, 2)))
+
+
 def test_cache_is_built_once_then_memory_mapped(root, monkeypatch):
     cache = MiniImagenetCache(str(root), 'train', seed=1)
     path = Path(cache.cache_path)

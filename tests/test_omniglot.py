@@ -169,7 +169,7 @@ def test_bad_options_are_clear_errors(omniglot_root):
 
 def test_group_tasks_draw_distinct_classes_of_one_large_enough_group():
     group_of_class = ['a'] * 3 + ['b'] * 5 + ['c'] * 2 + ['d'] * 8
-    members, sizes = group_table(group_of_class, 'cpu')
+    members, sizes = group_table(group_of_class)
     assert sizes.tolist() == [3, 5, 2, 8]
     index_table, counts = torch.arange(18 * 4).view(18, 4), torch.full((18,), 4)
     classes, support, support_y, query, query_y = draw_group_tasks(
@@ -186,6 +186,29 @@ def test_sampling_is_reproducible_after_reset(db):
     first = db.next('test')
     db.reset('test', 3)
     assert all(torch.equal(a, b) for a, b in zip(first, db.next('test')))
+
+
+def test_tasks_are_drawn_on_the_cpu_whatever_the_training_device(omniglot_root):
+    """A seed means the same tasks on every device, and the saved stream has one format: the draws
+    (rotations included) consume the same CPU stream for the 'meta' device as for the CPU."""
+    loaders = [OmniglotNShot(omniglot_root, batchsz=4, n_way=5, k_shot=1, k_query=2, seed=5, device=device,
+                             rotate='per_task') for device in ('cpu', 'meta')]
+    for db in loaders:
+        for _ in range(3):
+            batch = db.next('train', return_indices=True)
+        assert all(t.device == db.device for t in batch)
+    on_cpu, on_meta = (db.state_dict()['train'] for db in loaders)
+    assert torch.equal(on_cpu, on_meta) and on_cpu.numel() == torch.Generator().get_state().numel()
+
+
+def test_a_stream_saved_by_an_older_gpu_run_resumes_reseeded_from_it(db, capsys):
+    cuda_state = torch.arange(16, dtype=torch.uint8)   # what a CUDA generator's get_state() gives
+    state = {**db.state_dict(), 'train': cuda_state}
+    db.load_state_dict(state)
+    first = db.next('train')
+    assert 'saved by a GPU run of an older version' in capsys.readouterr().out
+    db.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(first, db.next('train')))
 
 
 def test_impossible_requests_are_clear_errors(omniglot_root):
