@@ -34,6 +34,7 @@ RANK_SEED_STRIDE = 1_000_003   # rank r's stream is seeded --seed + r * this, fa
 BUCKET_BYTES = 32 << 20        # gradients are all-reduced in flat buffers of at most this size
 # how long a rank waits for the others; long enough for rank 0 to download and decode a data set
 TIMEOUT = datetime.timedelta(minutes=30)
+_device = torch.device('cpu')   # this rank's device (init): an NCCL group takes tensors there only
 
 
 def active():
@@ -54,11 +55,17 @@ def is_main():
     return rank() == 0 and os.environ.get('RANK', '0') == '0'
 
 
+def device():
+    """The device of this rank's collectives: its training device (set by init)."""
+    return _device
+
+
 def init(device):
     """Join torchrun's process group when it started more than one process (NCCL on CUDA, gloo on
     the CPU) and return this rank's device: GPU LOCAL_RANK for a CUDA --device, else `device`
     with the CPU cores shared out between the ranks of this machine. Without torchrun, or with a
     single process, nothing happens and `device` is returned as it is."""
+    global _device
     device = torch.device(device)
     if int(os.environ.get('WORLD_SIZE', '1')) < 2 or active():
         return device
@@ -77,6 +84,7 @@ def init(device):
         dist.init_process_group('gloo', timeout=TIMEOUT)
     if rank() != 0:
         sys.stdout = open(os.devnull, 'w')
+    _device = device
     return device
 
 
@@ -165,13 +173,14 @@ def attach(maml):
 
 
 def mean_over_ranks(*tensors):
-    """The mean over ranks of each tensor (one all-reduce for all of them); as given in one process."""
+    """The mean over ranks of each tensor (one all-reduce, on this rank's device, for all of them,
+    wherever they are), returned where each was; as given in one process."""
     if world_size() < 2:
         return tensors
-    flat = torch.cat([t.detach().reshape(-1).double() for t in tensors])
+    flat = torch.cat([t.detach().reshape(-1).to(_device, torch.float64) for t in tensors])
     dist.all_reduce(flat)
     flat /= world_size()
-    return tuple(part.view_as(t).to(t.dtype) for t, part in zip(tensors, flat.split([t.numel() for t in tensors])))
+    return tuple(part.view_as(t).to(t.device, t.dtype) for t, part in zip(tensors, flat.split([t.numel() for t in tensors])))
 
 
 def gather_in_order(mine):

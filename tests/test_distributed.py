@@ -172,3 +172,22 @@ def test_two_ranks_write_one_run_that_resumes_on_two_ranks_or_one(tmp_path):
     fit_on(folder, 8, alone, resume=str(folder / 'last.pth'))
     assert alone.calls == 8 and [r['step'] for r in read_metrics(folder)] == ['2', '4', '6', '8']
     assert 'rank_samplers' not in torch.load(folder / 'last.pth', weights_only=True)
+
+
+def test_a_collective_on_host_values_gets_them_on_the_ranks_device(monkeypatch):
+    """An NCCL group takes CUDA tensors only: --time_budget's check used to all-reduce a CPU tensor
+    there and crash at the first log step. Here the rank's device is 'meta' and the all-reduce
+    records what it is given."""
+    given = []
+
+    def all_reduce(tensor):
+        given.append(tensor.device)
+        raise StopIteration   # the values cannot come back from 'meta'; the device is what is checked
+    monkeypatch.setattr(distributed, 'world_size', lambda: 2)
+    monkeypatch.setattr(distributed, '_device', torch.device('meta'))
+    monkeypatch.setattr(distributed.dist, 'all_reduce', all_reduce)
+    for collective in (lambda: trainer.over_budget(1.0, 30.0),
+                       lambda: distributed.mean_over_ranks(torch.tensor(0.5), torch.ones(3))):
+        with pytest.raises(StopIteration):
+            collective()
+    assert given == [torch.device('meta')] * 2
