@@ -8,7 +8,7 @@ mini-ImageNet N-way K-shot episodes (Ravi & Larochelle split) for MAML, two ways
     for x_spt, y_spt, x_qry, y_qry in loader:   # x_spt: [4, n_way*k_shot, 3, 84, 84] float32
         ...                                       # y_spt: [4, n_way*k_shot] int64 in 0..n_way-1
 
-    # the fast path: the split decoded once into a uint8 .npy cache, tasks sampled on the device
+    # the fast path: the split decoded once into a uint8 .npy cache, tasks gathered on the device
     check_splits('miniimagenet', {'train': (5, 1, 15), 'val': (5, 1, 1), 'test': (5, 1, 1)})  # before decoding
     cache = MiniImagenetCache('miniimagenet', mode='train', resize=84, device='cuda')
     x_spt, y_spt, x_qry, y_qry = cache.sample(4, n_way=5, k_shot=1, k_query=15)

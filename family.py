@@ -62,12 +62,13 @@ def check_options(s):
         raise FlagError("--cosine anneals over the run's meta-steps, so it needs --total_steps (or --epoch).")
 
 
-def msl_weights(steps, progress):
+def msl_weights(steps, progress, device=None, dtype=torch.float64):
     """MSL's weights of the query losses after inner steps 1..steps, `progress` (0 to 1) into the
     annealing: uniform at 0; each non-final weight falls linearly to MSL_FLOOR / steps, reached
-    just before 1, and the final step takes the rest (the weights always sum to 1)."""
+    just before 1, and the final step takes the rest (the weights always sum to 1). Filled in on
+    `device` from Python numbers: a tensor copied from the host would make a GPU step wait."""
     non_final = max((1 - progress) / steps, MSL_FLOOR / steps)
-    weights = torch.full((steps,), non_final, dtype=torch.float64)
+    weights = torch.full((steps,), non_final, dtype=dtype, device=device)
     weights[-1] = 1 - non_final * (steps - 1)
     return weights
 

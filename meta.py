@@ -25,7 +25,9 @@ The loop over tasks (line 4) is `torch.func.vmap`. Inner gradients come from `to
 whose result stays differentiable with respect to theta, so `loss.backward()` yields the true
 second-order meta-gradient; with `first_order` they are detached (the paper's first-order MAML).
 """
+import contextlib
 import os
+import pickle
 
 import torch
 import torch.nn as nn
@@ -44,6 +46,8 @@ DEFAULTS = dict(update_lr=0.4, meta_lr=1e-3, update_step=5, update_step_test=10,
                 algo='maml', msl_steps=0, da_steps=0, lslr=False, bnwb=False, bnrs=False, cosine=False,
                 min_meta_lr=1e-5, total_steps=None)
 SHAPE = ('imgc', 'imgsz')
+# what torch.load's RuntimeErrors say when the archive itself is cut short or corrupt
+ARCHIVE_DAMAGE = ('PytorchStreamReader', 'inline_container', 'zip archive')
 
 
 class Meta(nn.Module):
@@ -143,15 +147,20 @@ class Meta(nn.Module):
     def _batched(self, x_spt, y_spt, x_qry, y_qry, steps, query_at, first_order, train):
         theta = dict(self.net.named_parameters())
         task = lambda *data: self._task(theta, *data, steps, query_at, first_order, train)
-        with torch.autocast(x_spt.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self._autocast(x_spt.device):
             return vmap(task)(x_spt, y_spt, x_qry, y_qry)
 
+    def _autocast(self, device):
+        """bf16 autocast with --amp; no context otherwise, so that Meta runs on any device (even 'meta')."""
+        return torch.autocast(device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
     def step_weights(self):
-        """MSL's weights of the query losses after inner steps 1..update_step at this meta-step,
-        or None when only the last step's counts (MSL off or annealed)."""
+        """MSL's weights of the query losses after inner steps 1..update_step at this meta-step, on
+        the meta-parameters' device, or None when only the last step's counts (MSL off or annealed)."""
         if self.meta_steps_done >= self.msl_steps:
             return None
-        return family.msl_weights(self.update_step, self.meta_steps_done / self.msl_steps)
+        like = self.net.vars[0]
+        return family.msl_weights(self.update_step, self.meta_steps_done / self.msl_steps, like.device, like.dtype)
 
     def meta_loss(self, x_spt, y_spt, x_qry, y_qry, track_steps=True):
         """The differentiable meta-loss (mean over tasks of the query loss after `update_step`
@@ -168,7 +177,7 @@ class Meta(nn.Module):
         if weights is None:
             loss = losses[:, -1].mean()
         else:
-            loss = (losses[:, -steps:].mean(0) * weights.to(losses)).sum()
+            loss = (losses[:, -steps:].mean(0) * weights).sum()
         if self.algo == 'reptile':
             theta = dict(self.net.named_parameters())
             loss = family.with_gradient(loss, theta.values(), [p.detach() - adapted[name].mean(0)
@@ -228,7 +237,7 @@ class Meta(nn.Module):
         update_step_test) fine-tuning steps on each task's support set; for ensembles of learners."""
         def task(xs, ys, xq):
             return self.predict(xq, self.adapt(xs, ys, steps), steps).float().softmax(-1)
-        with torch.autocast(x_spt.device.type, dtype=torch.bfloat16, enabled=self.amp):
+        with self._autocast(x_spt.device):
             return vmap(task)(x_spt, y_spt, x_qry)
 
     def checkpoint(self, **extra):
@@ -244,6 +253,11 @@ class Meta(nn.Module):
         Meta (built with the same hyperparameters); what a resumed run needs."""
         self.net.load_state_dict(ckpt['model'])
         self.meta_optim.load_state_dict(ckpt['optimizer'])
+        for state in self.meta_optim.state.values():
+            # a checkpoint loaded onto a GPU brings Adam's step counts there, and Adam then reads each
+            # back to the host at every update (36 syncs a step): keep them on the CPU, as a fresh Adam does
+            if torch.is_tensor(state.get('step')):
+                state['step'] = state['step'].cpu()
         saved = ckpt.get('family')   # absent in plain-MAML checkpoints written before the family
         if saved:
             self.extras.load_state_dict(saved['extras'])
@@ -268,6 +282,11 @@ class Meta(nn.Module):
         return maml
 
 
+def damaged(path, error):
+    return DamagedError(f"Checkpoint {path} cannot be read ({type(error).__name__}); the file is damaged "
+                        f"or not a MAML checkpoint, so load another one such as best.pth.")
+
+
 def load_checkpoint(path, map_location=None):
     """torch.load with weights_only=True, and one clear sentence for a missing or damaged file.
     On a machine without CUDA, tensors saved on a GPU are loaded onto the CPU."""
@@ -283,9 +302,15 @@ def load_checkpoint(path, map_location=None):
     except PermissionError:
         raise MissingError(f"Checkpoint {path} cannot be opened by this user (permission denied); "
                            f"change its permissions or copy it.") from None
-    except Exception as e:
-        raise DamagedError(f"Checkpoint {path} cannot be read ({type(e).__name__}); the file is damaged "
-                           f"or not a MAML checkpoint, so load another one such as best.pth.") from None
+    except RuntimeError as e:
+        if 'deserialize object on' in str(e):   # saved on a GPU this machine does not have
+            raise FlagError(f"Checkpoint {path} holds tensors saved on a GPU this machine lacks ({e}); "
+                            f"load it with map_location='cpu' or onto a GPU you have, e.g. 'cuda:0'.") from None
+        if not any(sign in str(e) for sign in ARCHIVE_DAMAGE):
+            raise   # out of memory, a bug: not the file's fault, so the traceback stays
+        raise damaged(path, e) from None
+    except (pickle.UnpicklingError, EOFError, KeyError, OSError) as e:
+        raise damaged(path, e) from None
     if not isinstance(ckpt, dict) or not {'model', 'config', 'hparams'} <= ckpt.keys():
         raise DamagedError(f"Checkpoint {path} is not a MAML checkpoint of this project (it lacks "
                            f"model/config/hparams); load one written by the training scripts.")

@@ -8,7 +8,7 @@ Meta-train MAML on mini-ImageNet (N-way K-shot classification, Finn et al. 2017,
     torchrun --standalone --nproc_per_node=4 miniimagenet_train.py --task_num 32   # 4 GPUs (distributed.py)
 
 DATA_ROOT (or --data) holds images/*.jpg and train.csv, val.csv, test.csv (see README). Each split
-is decoded once into a uint8 cache under <data>/cache and episodes are sampled on the device.
+is decoded once into a uint8 cache under <data>/cache and episodes are gathered on the device.
 Checkpoints are ranked by accuracy on --eval_tasks validation tasks; the test split is touched
 only at the end, to report the selected model (best.pth) over --test_tasks tasks.
 """

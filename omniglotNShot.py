@@ -1,5 +1,5 @@
 """
-N-way K-shot Omniglot episodes, sampled on the device that trains.
+N-way K-shot Omniglot episodes, gathered on the device that trains.
 
     db = OmniglotNShot('data/omniglot', batchsz=32, n_way=5, k_shot=1, k_query=15, imgsz=28,
                        device='cuda')

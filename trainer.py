@@ -72,7 +72,9 @@ def tune_cpu():
 
 
 def tune_cuda():
-    """cuDNN picks the fastest convolution algorithm per shape; fp32 matmuls and convolutions use TF32."""
+    """cuDNN picks the fastest convolution algorithm per shape; fp32 matmuls and convolutions use TF32.
+    The autotuner chooses afresh in each process, some algorithms are non-deterministic, so a run
+    resumed on CUDA is not bit for bit the uninterrupted one (on the CPU it is)."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = True
     torch.set_float32_matmul_precision('high')   # TF32 for matmuls

@@ -77,6 +77,33 @@ def test_damaged_or_foreign_checkpoints_are_named(tmp_path):
         load_checkpoint(str(tmp_path / 'other.pth'))
     with pytest.raises(MissingError, match='does not exist'):
         load_checkpoint(str(tmp_path / 'nothing.pth'))
+    torch.save(fake_ckpt(1, 0.5), tmp_path / 'whole.pth')
+    whole = (tmp_path / 'whole.pth').read_bytes()
+    for name, content in (('empty', b''), ('half', whole[:len(whole) // 2]), ('tail', whole[:-10]),
+                          ('text', b'not a checkpoint')):
+        (tmp_path / f'{name}.pth').write_bytes(content)
+        with pytest.raises(DamagedError, match=f'{name}.pth cannot be read'):
+            load_checkpoint(str(tmp_path / f'{name}.pth'))
+
+
+@pytest.mark.parametrize('error', [
+    torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB'),
+    RuntimeError('Attempting to deserialize object on CUDA device 1 but torch.cuda.device_count() is 1.')])
+def test_device_and_memory_errors_are_not_called_damage(tmp_path, monkeypatch, error):
+    """Only a damaged archive or pickle means a damaged file: running out of memory keeps its
+    traceback, and a GPU this machine lacks is named as such."""
+    torch.save(fake_ckpt(1, 0.5), tmp_path / 'whole.pth')
+
+    def load(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(torch, 'load', load)
+    with pytest.raises(Exception) as raised:
+        load_checkpoint(str(tmp_path / 'whole.pth'))
+    assert not isinstance(raised.value, DamagedError)
+    if isinstance(error, torch.OutOfMemoryError):
+        assert raised.value is error
+    else:
+        assert isinstance(raised.value, FlagError) and 'saved on a GPU this machine lacks' in str(raised.value)
 
 
 def test_non_finite_weights_are_never_written(tmp_path):

@@ -4,6 +4,8 @@ import argparse
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from meta import Meta
 from reference import per_task_meta_loss
@@ -142,3 +144,34 @@ def test_compiled_meta_step_matches_eager():
     assert abs(loss.item() - loss_c.item()) < 1e-5 and torch.equal(accs, accs_c)
     assert rel_err(grad_c, grad) < 1e-4
 
+
+
+class HostTraffic(TorchDispatchMode):
+    """Records every op that takes a host (CPU) tensor with elements into a result on another device,
+    i.e. a host-to-device copy, and every read of a value back to the host (.item())."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if (any(t.device.type == 'cpu' and t.dim() > 0 for t in inputs)
+                and any(t.device.type != 'cpu' for t in outputs)) or func is torch.ops.aten._local_scalar_dense.default:
+            self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize('options', [{}, dict(msl_steps=10, lslr=True, bnwb=True)])
+def test_a_meta_step_needs_nothing_from_the_host(options):
+    """On a device of its own ('meta' here, a GPU in use) a meta-step copies nothing from the host
+    and reads nothing back, so the host can queue steps ahead of the device (MAML++'s multi-step
+    loss weights used to be built on the CPU and copied at every step)."""
+    maml = Meta(CONFIG, imgc=1, imgsz=SIDE, update_step=2, **options).to('meta')
+    x_spt, y_spt, x_qry, y_qry = (t.to('meta') for t in make_tasks())
+    with HostTraffic() as traffic:
+        for _ in range(2):
+            maml(x_spt.float(), y_spt, x_qry.float(), y_qry, track_steps=False)
+    assert traffic.seen == []
