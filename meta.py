@@ -26,6 +26,7 @@ whose result stays differentiable with respect to theta, so `loss.backward()` yi
 second-order meta-gradient; with `first_order` they are detached (the paper's first-order MAML).
 """
 import contextlib
+import ctypes
 import os
 import pickle
 
@@ -46,8 +47,24 @@ DEFAULTS = dict(update_lr=0.4, meta_lr=1e-3, update_step=5, update_step_test=10,
                 algo='maml', msl_steps=0, da_steps=0, lslr=False, bnwb=False, bnrs=False, cosine=False,
                 min_meta_lr=1e-5, total_steps=None)
 SHAPE = ('imgc', 'imgsz')
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
 # what torch.load's RuntimeErrors say when the archive itself is cut short or corrupt
 ARCHIVE_DAMAGE = ('PytorchStreamReader', 'inline_container', 'zip archive')
+
+
+def tune_cpu():
+    """Keep freed memory in the heap (glibc only). By default glibc maps each block of more than
+    128 kB to 32 MB afresh and returns it when freed, so every activation tensor of a meta-step (tens
+    of MB at the seed's defaults) is page-faulted in again at every step; with the heap kept, a
+    second-order Omniglot step ran 1.1-1.8x faster on a 2-core AMD EPYC (README, Speed), and 2.8x
+    for a Meta built in a notebook. Every Meta applies it (it is process-wide and costs nothing to
+    repeat), so the speed does not depend on the entry point."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:   # another C library (macOS, musl): left as it is
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
 
 
 class Meta(nn.Module):
@@ -96,6 +113,7 @@ class Meta(nn.Module):
                           if self.cosine else None)
         self.meta_steps_done = 0
         self.grad_reducer = None   # distributed.attach: averages the meta-gradient over ranks
+        tune_cpu()
         if compile_mode:
             self.compile(compile_mode)
 

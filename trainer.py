@@ -11,7 +11,6 @@ report. The files a run writes into --save_dir are described in checkpoints.py.
 Under torchrun the same code trains on several processes (distributed.py): setup_device joins the
 process group, fit and evaluate share out the work, and only rank 0 prints and writes files.
 """
-import ctypes
 import math
 import os
 import sys
@@ -24,10 +23,7 @@ from tqdm import tqdm
 import distributed
 from checkpoints import RunDir, atomic_save
 from errors import FlagError, RunError, UserError
-from meta import Meta, load_checkpoint
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
-
+from meta import Meta, load_checkpoint, tune_cpu
 
 def setup_device(args):
     """The torch.device of --device, seeded; on CUDA with the cuDNN autotuner and TF32 on. Under
@@ -56,19 +52,6 @@ def tune(device):
         tune_cuda()
     else:
         tune_cpu()
-
-
-def tune_cpu():
-    """Keep freed memory in the heap (glibc only). By default glibc maps each block of more than
-    128 kB to 32 MB afresh and returns it when freed, so every activation tensor of a meta-step (tens
-    of MB at the seed's defaults) is page-faulted in again at every step; with the heap kept, a
-    second-order Omniglot step ran 1.1-1.8x faster on a 2-core AMD EPYC (README, Speed)."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:   # another C library (macOS, musl): left as it is
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
 
 
 def tune_cuda():
