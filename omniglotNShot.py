@@ -136,7 +136,8 @@ def _download(url, root, archive, md5):
 
 def missing_data_message(root, reason=''):
     return (f"Omniglot is not in {root}{reason}: put images_background.zip and images_evaluation.zip "
-            f"(from {BASE_URL}) there, or pass --data to the folder that holds them.")
+            f"(from {BASE_URL}) there, or pass the folder that holds them as the data root (--data; "
+            f"benchmarks/bench.py: --omniglot).")
 
 
 def load_images(root, imgsz, preprocess='official', download=True):

@@ -9,7 +9,9 @@ Speed of one MAML meta-step: the seed's per-task loop against this project's vec
 
 Workloads (the seeds' defaults otherwise): Omniglot 5-way 1-shot task_num 32, the paper's Omniglot
 5-way recipe (omniglot-paper: k_qry 1, update_step 1) and MiniImagenet 5-way 1-shot task_num 4,
-each second- (so) and first-order (fo). Implementations:
+each second- (so) and first-order (fo); seednet-5w1s and seednet-paper are the two Omniglot ones
+with the seed's own network config in every row (unpadded stride-2 convolutions, ReLU before batch
+norm: what users port from the seed). Implementations:
     seed          the seed's code as it runs: its own (unpadded) network with running batch-norm
                   statistics, a Python loop over tasks, inner gradients without create_graph (so
                   first-order in every row, a bug), the meta-loss of the last task only (another),
@@ -18,6 +20,8 @@ each second- (so) and first-order (fo). Implementations:
                   create_graph (kept here, not in the training path)
     meta          Meta: all tasks at once with torch.func, per-step accuracies off (as on the
                   training script's non-logging steps)
+    notebook      meta built as a notebook builds it: in a process where nothing but Meta set
+                  anything up (no trainer.tune)
     meta+matmul   Meta with Learner(conv='matmul'): convolutions as im2col + batched matmul
     meta+amp      Meta under bf16 autocast (CUDA only)
     meta+compile  Meta with torch.compile, mode 'default'
@@ -28,13 +32,16 @@ A row times whole steps, episode sampling included: the median over repeats afte
 row in a fresh process, so its peak memory (CUDA max_memory_allocated, else peak RSS) is its own,
 warm-up (and any CUDA-graph capture) included.
 'speed-up' is over the reference row, 'vs seed' over the seed row. --threads 1 gives steadier
-numbers on a CPU that other processes keep busy.
+numbers on a CPU that other processes keep busy. Every input a row needs (Omniglot, downloaded if
+missing; mini-ImageNet for --loaders) is checked before anything is timed.
 Omniglot episodes come from OmniglotNShot (downloaded into --omniglot if missing); MiniImagenet
 episodes from MiniImagenetCache.synthetic, random pixels in the real split's shape (sampling and
 compute cost the same as on the real images, which need not be on the machine).
-The floor: FLOPs of one meta-step (counted op by op on the per-task form of the same algorithm)
-over the device's measured matmul rate (fp32; TF32 on CUDA, as training uses). --profile also
-sets the step's op-by-op memory traffic against the measured copy bandwidth (roofline.py).
+The floor: FLOPs of one meta-step of the row's own algorithm (counted op by op on its per-task
+form: the seed's first-order loop on its own network, the reference's loop, Meta with the row's
+family options) over the device's measured matmul rate (fp32; TF32 on CUDA, as training uses).
+--profile also sets the step's op-by-op memory traffic against the measured copy bandwidth and
+counts its element-wise passes (roofline.py).
 """
 import argparse
 import csv
@@ -51,29 +58,32 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 import miniimagenet_train
 import omniglot_train
+from errors import FlagError
 from meta import Meta
-from MiniImagenet import MiniImagenetCache
-from omniglotNShot import OmniglotNShot
+from MiniImagenet import MiniImagenetCache, read_split
+from omniglotNShot import OmniglotNShot, load_images
 from presets import DEFAULTS, PRESETS
 from reference import reference_step, seed_forward, seed_network, seed_step
-from roofline import ByteCount, FlopCount, copy_bandwidth, matmul_rate, sync
-from trainer import device_name, tune
+from roofline import ByteCount, FlopCount, PassCount, copy_bandwidth, matmul_rate, sync
+from trainer import available_device, device_name, run_main, tune
 
 def workload_settings(dataset, preset=None):
     """The flags of a training script's defaults, or of one of its presets (presets.py)."""
-    return dict(DEFAULTS[dataset], **(PRESETS[dataset][preset] if preset else {}), imgc=IMGC[dataset])
+    return dict(DEFAULTS[dataset], **(PRESETS[dataset][preset] if preset else {}), imgc=IMGC[dataset], dataset=dataset)
 
 
 IMGC = {'omniglot': 1, 'miniimagenet': 3}
 WORKLOADS = {
     'omniglot-5w1s': workload_settings('omniglot'),                    # the seed's defaults
     'omniglot-paper': workload_settings('omniglot', 'paper-5w1s'),     # the paper's 5-way 1-shot
+    'seednet-5w1s': dict(workload_settings('omniglot'), net='seed'),   # the same on the seed's network
+    'seednet-paper': dict(workload_settings('omniglot', 'paper-5w1s'), net='seed'),
     'mini-5w1s': workload_settings('miniimagenet'),
 }
 # the MAML family on the same engine (family.py); maml++ with its multi-step loss on, its costly phase
 FAMILY = {'anil': dict(algo='anil'), 'metasgd': dict(algo='metasgd'), 'reptile': dict(algo='reptile'),
           'maml++': dict(msl_steps=10 ** 9, lslr=True, bnwb=True, bnrs=True, cosine=True, total_steps=10 ** 6)}
-IMPLS = ['seed', 'reference', 'meta', 'meta+matmul', 'meta+amp', 'meta+compile', 'meta+graphs', *FAMILY]
+IMPLS = ['seed', 'reference', 'meta', 'notebook', 'meta+matmul', 'meta+amp', 'meta+compile', 'meta+graphs', *FAMILY]
 CUDA_ONLY = {'meta+amp', 'meta+graphs'}
 
 
@@ -81,14 +91,14 @@ def build(workload, order, impl, device, omniglot_root):
     """(maml, next_batch) for one row."""
     hp = WORKLOADS[workload]
     args = argparse.Namespace(**hp, **FAMILY.get(impl, {}), first_order=order == 'fo', amp=impl == 'meta+amp')
-    if impl == 'seed':
-        if not workload.startswith('omniglot'):
+    if impl == 'seed' or hp.get('net') == 'seed':
+        if hp['dataset'] != 'omniglot':
             raise RuntimeError("the seed's own network is timed on Omniglot only")
         config = seed_network(hp['n_way'])
         db = OmniglotNShot(omniglot_root, hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'], hp['imgsz'],
                            device=device)
         next_batch = lambda: db.next('train')
-    elif workload.startswith('omniglot'):
+    elif hp['dataset'] == 'omniglot':
         config = omniglot_train.network(hp['n_way'], hp['imgsz'], hp['num_filters'])
         db = OmniglotNShot(omniglot_root, hp['task_num'], hp['n_way'], hp['k_spt'], hp['k_qry'], hp['imgsz'],
                            device=device, rotate=None if hp['rotate'] == 'none' else hp['rotate'],
@@ -146,17 +156,24 @@ def time_row(workload, order, impl, device, omniglot_root, quick):
                 peak_mem_mb=round(peak / 2**20), warmup_s=round(warmup_s, 1))
 
 
-def count_flops(workload, order, omniglot_root):
-    """FLOPs of one meta-step of Meta's algorithm, task by task (vmap's batched convolutions are
-    grouped convolutions that torch's counter miscounts), on the CPU."""
-    maml, next_batch = build(workload, order, 'meta', torch.device('cpu'), omniglot_root)
+def count_flops(workload, order, impl, omniglot_root):
+    """FLOPs of one meta-step of the row's own algorithm, task by task (vmap's batched convolutions
+    are grouped convolutions that torch's counter miscounts), on the CPU: the seed's and the
+    reference's loops as they run; Meta's (and the family's) per-task form otherwise."""
+    impl = impl if impl in ('seed', 'reference', *FAMILY) else 'meta'
+    maml, next_batch = build(workload, order, impl, torch.device('cpu'), omniglot_root)
     batch = next_batch()
-    params = dict(maml.net.named_parameters())
     with FlopCount() as counter:
-        steps = maml.update_step
-        losses = [maml._task(params, *(t[i] for t in batch), steps, (steps,), maml.first_order, True)[0][-1]
-                  for i in range(len(batch[0]))]
-        torch.stack(losses).mean().backward()
+        if impl == 'seed':
+            seed_step(maml, seed_forward(maml.net.config, next(maml.net.parameters())), *batch)
+        elif impl == 'reference':
+            reference_step(maml, *batch)
+        else:
+            params, steps = dict(maml.net.named_parameters()), maml.update_step
+            first_order = maml.first_order or maml.algo == 'reptile'
+            losses = [maml._task(params, *(t[i] for t in batch), steps, (steps,), first_order, True)[0][-1]
+                      for i in range(len(batch[0]))]
+            torch.stack(losses).mean().backward()
     return counter.flops
 
 
@@ -169,6 +186,16 @@ def count_bytes(workload, order, impl, device, omniglot_root):
     with ByteCount() as traffic:
         meta_step(maml, lambda: batch)
     return traffic.bytes
+
+
+def count_passes(workload, order, impl, device, omniglot_root):
+    """The element-wise passes (roofline.PassCount) of one meta-step of `impl` on `device`, uncompiled."""
+    maml, next_batch = build(workload, order, impl.replace('+compile', '').replace('+graphs', ''), device,
+                             omniglot_root)
+    batch = next_batch()
+    with PassCount() as passes:
+        meta_step(maml, lambda: batch)
+    return passes
 
 
 def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, trace=None):
@@ -193,7 +220,8 @@ def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, t
     self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(prof.key_averages(), key=self_us, reverse=True)
     busy_ms = sum(map(self_us, events)) / 1e3 / steps
-    flops, traffic = count_flops(workload, order, omniglot_root), count_bytes(workload, order, impl, device, omniglot_root)
+    flops, traffic = count_flops(workload, order, impl, omniglot_root), count_bytes(workload, order, impl, device, omniglot_root)
+    passes = count_passes(workload, order, impl, device, omniglot_root)
     rate, bandwidth = matmul_rate(device), copy_bandwidth(device)
     print(f'{workload}-{order} {impl} on {device_name(device)}, torch {torch.__version__}: {wall_ms:.2f} ms/step; '
           f'{"kernels" if cuda else "ops"} busy {busy_ms:.2f} ms/step ({100 * busy_ms / wall_ms:.0f}% of the wall time)')
@@ -201,10 +229,13 @@ def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, t
     print(f'{flops / 1e9:.2f} GFLOP/step: {flops / wall_ms / 1e9:.3f} TFLOP/s, {100 * flop_share:.1f}% of the measured '
           f'matmul rate ({rate / 1e12:.2f} TFLOP/s); {traffic / 1e9:.2f} GB/step op by op: {traffic / wall_ms / 1e6:.1f} '
           f'GB/s, {100 * bandwidth_share:.0f}% of the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s)')
+    print(f'element-wise passes per step: {passes.pointwise} pointwise ops and {passes.copies} copies over '
+          f'{passes.elementwise_bytes / 1e9:.2f} GB; most: ' + ', '.join(f'{n} {name}' for name, n in passes.most_common(6)))
     for e in events[:top]:
         print(f'{self_us(e) / 1e3 / steps:9.3f} ms/step {e.count // steps:6d} calls/step  {e.key[:90]}')
     return dict(wall_ms=wall_ms, busy_ms=busy_ms, calls_per_step=sum(e.count for e in events) / steps,
-                gflop=flops / 1e9, gbytes=traffic / 1e9, flop_share=flop_share, bandwidth_share=bandwidth_share)
+                gflop=flops / 1e9, gbytes=traffic / 1e9, flop_share=flop_share, bandwidth_share=bandwidth_share,
+                pointwise=passes.pointwise, copies=passes.copies)
 
 
 def loader_rates(mini_root, device, quick):
@@ -234,16 +265,39 @@ def loader_rates(mini_root, device, quick):
     return rows
 
 
+def check_inputs(workloads, args, device):
+    """Fail in one sentence, before anything is timed, when a row would lack its input: the
+    workloads' names, the device, Omniglot (downloaded and decoded here once if missing) and, for
+    --loaders, the mini-ImageNet split."""
+    available_device(args.device)
+    for name in workloads:
+        workload, _, order = name.rpartition('-')
+        if workload not in WORKLOADS or order not in ('so', 'fo'):
+            raise FlagError(f"workload '{name}' is not one of " + ', '.join(f'{w}-so, {w}-fo' for w in WORKLOADS)
+                            + '; pick among those.')
+    omniglot = {(WORKLOADS[name.rpartition('-')[0]]['imgsz'], WORKLOADS[name.rpartition('-')[0]]['preprocess'])
+                for name in workloads if WORKLOADS[name.rpartition('-')[0]]['dataset'] == 'omniglot'}
+    for imgsz, preprocess in sorted(omniglot):
+        load_images(args.omniglot, imgsz, preprocess)
+    if args.loaders:
+        read_split(args.mini, 'train')
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--quick', action='store_true')
-    p.add_argument('--workloads', nargs='+', default=[f'{w}-{o}' for w in WORKLOADS for o in ('so', 'fo')])
-    p.add_argument('--impls', nargs='+', default=IMPLS, choices=IMPLS)
+    p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                   help='torch device to time on: cpu, cuda, cuda:1, ...')
+    p.add_argument('--quick', action='store_true', help='fewer warm-up steps and repeats per row, for a first look')
+    p.add_argument('--workloads', nargs='+', default=[f'{w}-{o}' for w in WORKLOADS for o in ('so', 'fo')],
+                   metavar='WORKLOAD', help="workloads to time, each 'name-so' (second order) or 'name-fo' (first "
+                                            f"order), names among {', '.join(WORKLOADS)}")
+    p.add_argument('--impls', nargs='+', default=IMPLS, choices=IMPLS, metavar='IMPL',
+                   help=f"implementations to time (see the top of this file): {', '.join(IMPLS)}")
     p.add_argument('--omniglot', default=omniglot_train.DATA_ROOT, help='Omniglot data root')
     p.add_argument('--mini', default=miniimagenet_train.DATA_ROOT, help='mini-ImageNet root, for --loaders')
     p.add_argument('--loaders', action='store_true', help='also time the mini-ImageNet episode loaders')
-    p.add_argument('--csv', default='bench_results.csv')
+    p.add_argument('--csv', default='bench_results.csv', help='CSV file the rows are written to')
     p.add_argument('--threads', type=int, default=0,
                    help='CPU threads per row (0: torch\'s default, one per core); on a CPU shared with other '
                         'busy processes, 1 avoids waiting on descheduled OpenMP threads')
@@ -255,13 +309,16 @@ def main():
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tune(device)   # as the training scripts do
+    if not (args.row and args.row[2] == 'notebook'):
+        tune(device)   # as the training scripts do; a notebook's Meta gets only what Meta itself sets up
     if args.row:
         print(json.dumps(time_row(*args.row, device, args.omniglot, args.quick)))
         return
     if args.profile:
+        check_inputs(['-'.join(args.profile[:2])], args, device)
         profile_row(*args.profile, device, args.omniglot, trace=args.trace)
         return
+    check_inputs(args.workloads, args, device)
 
     rows = []
     for name in args.workloads:
@@ -286,16 +343,19 @@ def main():
                 row[column] = round(ref['ms_per_step'] / row['ms_per_step'], 2)
 
     rate = matmul_rate(device)
-    print(f'\n{device_name(device)}, torch {torch.__version__}; measured matmul rate {rate / 1e12:.2f} TFLOP/s')
+    print(f'\n{device_name(device)}, torch {torch.__version__}; measured matmul rate {rate / 1e12:.2f} TFLOP/s; '
+          f"each row's floor is its own algorithm's FLOPs at that rate")
     print(f"{'workload':20} {'impl':13} {'ms/step':>9} {'img/s':>8} {'peak MB':>8} {'speed-up':>8} {'vs seed':>8}  floor")
-    for name in args.workloads:
-        workload, order = name.rsplit('-', 1)
-        flops = count_flops(workload, order, args.omniglot)
-        for row in (r for r in rows if r['workload'] == name):
-            row['gflop_per_step'] = round(flops / 1e9, 2)
-            if 'ms_per_step' in row:
-                row['share_of_peak'] = round(flops / (row['ms_per_step'] / 1e3) / rate, 4)
-            print(format_row(row, floor_ms=1e3 * flops / rate))
+    flops = {}
+    for row in rows:
+        workload, order = row['workload'].rsplit('-', 1)
+        if 'ms_per_step' in row:
+            kind = row['impl'] if row['impl'] in ('seed', 'reference', *FAMILY) else 'meta'
+            if (row['workload'], kind) not in flops:
+                flops[row['workload'], kind] = count_flops(workload, order, kind, args.omniglot)
+            row['gflop_per_step'] = round(flops[row['workload'], kind] / 1e9, 2)
+            row['share_of_peak'] = round(flops[row['workload'], kind] / (row['ms_per_step'] / 1e3) / rate, 4)
+        print(format_row(row, rate))
     with open(args.csv, 'w', newline='') as f:
         fields = list(dict.fromkeys(k for r in rows for k in r))
         writer = csv.DictWriter(f, fields)
@@ -307,15 +367,16 @@ def main():
             print(f'{name:45} {rate:8.1f} episodes/s')
 
 
-def format_row(row, floor_ms=None):
+def format_row(row, rate=None):
     if 'error' in row:
         return f"{row['workload']:20} {row['impl']:13} failed: {row['error']}"
     text = (f"{row['workload']:20} {row['impl']:13} {row['ms_per_step']:9.2f} {row['images_per_s']:8d} "
             f"{row['peak_mem_mb']:8d} {row.get('speedup', float('nan')):7.2f}x {row.get('vs_seed', float('nan')):7.2f}x")
-    if floor_ms is not None:
-        text += f"  {row['gflop_per_step']:.1f} GFLOP, floor {floor_ms:.2f} ms, {100 * row.get('share_of_peak', 0):.1f}% of peak"
+    if rate is not None:
+        text += (f"  {row['gflop_per_step']:.1f} GFLOP, floor {1e3 * row['gflop_per_step'] * 1e9 / rate:.2f} ms, "
+                 f"{100 * row['share_of_peak']:.1f}% of peak")
     return text
 
 
 if __name__ == '__main__':
-    main()
+    run_main(main)

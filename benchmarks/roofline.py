@@ -2,10 +2,12 @@
 The floors a meta-step is measured against: the FLOPs and bytes of its ops, and the device's
 measured matmul rate and copy bandwidth (bench.py's floor column and its --profile summary).
 
-    with FlopCount() as flops, ByteCount() as traffic:
+    with FlopCount() as flops, ByteCount() as traffic, PassCount() as passes:
         step()
     flops.flops / matmul_rate(device), traffic.bytes / copy_bandwidth(device)   # seconds, at best
+    passes.pointwise, passes.copies   # element-wise passes over memory, the work FLOPs do not show
 """
+import collections
 import statistics
 import time
 
@@ -72,6 +74,35 @@ class ByteCount(TorchDispatchMode):
             if not written:
                 return out   # a view: no memory traffic
         self.bytes += sum(map(distinct_bytes, read)) + sum(map(distinct_bytes, written))
+        return out
+
+
+COPIES = {'aten::copy_', 'aten::_to_copy', 'aten::clone', 'aten::cat', 'aten::index_select', 'aten::gather'}
+
+
+class PassCount(TorchDispatchMode, collections.Counter):
+    """Element-wise passes over memory of the ops run under it, counted by op name: `pointwise`
+    ops (ATen's pointwise tag: mul, add, threshold_backward, ...) and `copies` (layout copies,
+    concatenations, gathers), with the bytes they move (ByteCount's rule, for these ops alone)."""
+
+    def __init__(self):
+        TorchDispatchMode.__init__(self)
+        collections.Counter.__init__(self)
+        self.pointwise = self.copies = self.elementwise_bytes = 0
+        self._bytes = ByteCount()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._overloadpacket._qualified_op_name
+        copy = name in COPIES
+        pointwise = not copy and torch.Tag.pointwise in func.tags
+        if not (pointwise or copy):
+            return func(*args, **(kwargs or {}))
+        before = self._bytes.bytes
+        out = self._bytes.__torch_dispatch__(func, types, args, kwargs)
+        self.elementwise_bytes += self._bytes.bytes - before
+        self.pointwise += pointwise
+        self.copies += copy
+        self[name.replace('aten::', '')] += 1
         return out
 
 

@@ -1,5 +1,9 @@
 """The benchmark's seed-style rows compute what they claim (the same meta-update as Meta, or the
 seed's first-order last-task update), and FLOPs count right."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +11,8 @@ import torch.nn.functional as F
 import bench
 from learner import Learner
 from reference import per_task_meta_loss, reference_step, seed_forward, seed_network, seed_step
-from roofline import ByteCount, FlopCount
+from conftest import REPO
+from roofline import ByteCount, FlopCount, PassCount
 from test_meta import make_meta, make_tasks
 
 
@@ -67,6 +72,39 @@ def test_profile_names_where_a_step_goes(omniglot_root, capsys):
     assert 0 < result['busy_ms'] <= 1.1 * result['wall_ms'] and result['calls_per_step'] > 100
     assert 'GFLOP/step' in out and result['gflop'] > 1 and result['gbytes'] > 0.1
     assert 0 < result['flop_share'] < 2 and result['bandwidth_share'] > 0, 'shares of measured ceilings, not raw units'
+    assert 'element-wise passes per step' in out and result['pointwise'] > 50 and result['copies'] > 0
+
+
+def test_each_row_counts_its_own_algorithms_flops(omniglot_root, monkeypatch):
+    """The seed row does first-order work on a smaller network: its floor is its own, not Meta's."""
+    for workload in ('omniglot-5w1s', 'omniglot-paper'):   # two tasks a step: the count scales with them
+        monkeypatch.setitem(bench.WORKLOADS, workload, dict(bench.WORKLOADS[workload], task_num=2))
+    seed, reference = (bench.count_flops('omniglot-5w1s', 'so', impl, omniglot_root) for impl in ('seed', 'reference'))
+    assert 0 < seed < reference / 2
+    meta, anil, notebook = (bench.count_flops('omniglot-paper', 'so', impl, omniglot_root)
+                            for impl in ('meta', 'anil', 'notebook'))
+    assert 0 < anil < meta == notebook
+
+
+def test_a_missing_input_stops_the_benchmark_before_anything_is_timed(tmp_path):
+    not_a_folder = tmp_path / 'omniglot'
+    not_a_folder.write_text('')
+    run = subprocess.run([sys.executable, os.path.join(REPO, 'benchmarks', 'bench.py'), '--device', 'cpu', '--quick',
+                          '--omniglot', str(not_a_folder), '--workloads', 'mini-5w1s-so', 'omniglot-paper-so',
+                          '--impls', 'meta'], capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and run.stderr.strip().startswith('error: Omniglot is not in')
+    assert 'Traceback' not in run.stderr and 'mini-5w1s' not in run.stdout, 'nothing timed, no traceback'
+
+
+def test_pass_counter_counts_element_wise_passes_and_copies():
+    a, b = torch.ones(1000), torch.ones(1000)
+    with PassCount() as passes:
+        c = a * b + 1                     # two pointwise passes
+        torch.cat([a, b])                 # a copy
+        a.sum()                           # a reduction: neither
+        c.view(10, 100)                   # a view: neither
+    assert (passes.pointwise, passes.copies) == (2, 1) and passes['mul'] == passes['add'] == passes['cat'] == 1
+    assert passes.elementwise_bytes == 12000 + 8000 + 16000
 
 
 def test_byte_counter_counts_what_ops_read_and_write_and_not_views():
