@@ -53,9 +53,10 @@ def check_finite(ckpt, step):
                        f"saved; lower --meta_lr or --update_lr, or set --grad_clip, and resume from last.pth.")
 
 
-def read_metrics(folder):
-    """A run folder's metrics.csv as a list of dicts (empty when there is none yet)."""
-    path = os.path.join(folder, 'metrics.csv')
+def read_metrics(folder, name='metrics.csv'):
+    """A run folder's metrics.csv (or another such file of `folder`) as a list of dicts (empty when
+    there is none yet)."""
+    path = os.path.join(folder, name)
     if not os.path.exists(path):
         return []
     with open(path, newline='') as f:

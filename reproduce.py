@@ -6,11 +6,14 @@ Run the paper's experiments (presets.py) to their end, one part at a time, and c
     python reproduce.py next --minutes 8 --device cuda --export $OUT    # the first unfinished run in runs/
     python reproduce.py omniglot/paper-5w1s --collect      # evaluate and collect a run as it stands
 
-A run lives in runs/<dataset>-<preset>/. A part starts the run (or resumes it from its last.pth),
+A run lives in runs/<dataset>-<preset>/. A part starts the run (or resumes it from its last.pth;
+on a machine without that folder, from the results/<name>-last.pth this repository ships),
 trains until --minutes have passed (the training script's --time_budget: checked every --log_every
 steps; data preparation and the final evaluations come on top), and ends as the training script ends: best.pth evaluated once on the test split. Then
 `evaluate.py` scores best.pth again, over the same test tasks, into results/<name>-test.json, and
-the run's metrics.csv and learning curve are copied to results/. A run that has reached its
+the run's metrics.csv and learning curve are copied to results/, with the checkpoints anyone can
+check the figure with: results/<name>.pth (best.pth, its test figure stored in it) and, while the
+run has not reached its --epoch, results/<name>-last.pth (so that the run outlives its machine). A run that has reached its
 --epoch only gets evaluated; `-- --epoch N` extends it. --export DIR copies the run folder and its
 results, in this repository's layout, to DIR: what a lent machine must send back for a later part
 to continue elsewhere (copy them into the repository). Flags after `--` go to the training script
@@ -25,7 +28,7 @@ import sys
 
 import torch
 
-from checkpoints import read_metrics
+from checkpoints import atomic_save, read_metrics
 from errors import FlagError, RunError
 from meta import load_checkpoint
 from presets import PRESETS
@@ -59,9 +62,16 @@ def run_folder(runs, name):
     return os.path.join(runs, name.replace('/', '-'))
 
 
-def progress(runs, name):
-    """(steps done, steps of the run) from the run's last.pth, or (0, the preset's) before it starts."""
+def progress(runs, name, results=None):
+    """(steps done, steps of the run) from the run's last.pth, or (0, the preset's) before it starts.
+    With `results`, a run this machine lacks is read from what results/ ships (a shipped best.pth
+    without a last.pth is a run that has ended)."""
     last = os.path.join(run_folder(runs, name), 'last.pth')
+    if not os.path.exists(last) and results is not None:
+        best, last = shipped(results, name)
+        if not os.path.exists(last) and os.path.exists(best):
+            total = load_checkpoint(best, map_location='cpu')['args']['epoch']
+            return total, total
     if not os.path.exists(last):
         dataset, preset = experiment(name)
         return 0, PRESETS[dataset][preset]['epoch']
@@ -77,9 +87,11 @@ def script_flags(extra):
     return p.parse_known_args(extra)[0]
 
 
-def best_step(runs, name):
-    """The step of the run's best.pth, or None before its first evaluation."""
+def best_step(runs, name, results):
+    """The step of the run's best.pth (the shipped one on a machine without the run), or None
+    before its first evaluation."""
     best = os.path.join(run_folder(runs, name), 'best.pth')
+    best = best if os.path.exists(best) else shipped(results, name)[0]
     return load_checkpoint(best, map_location='cpu')['step'] if os.path.exists(best) else None
 
 
@@ -90,6 +102,31 @@ def next_unfinished(runs):
         if done < total:
             return name
     raise RunError('every experiment of the paper has reached its end; nothing is left to run.')
+
+
+def shipped(results, name):
+    """The checkpoints results/ ships of a run: (selected best.pth, last.pth of an unfinished run)."""
+    stem = os.path.join(results, name.replace('/', '-'))
+    return f'{stem}.pth', f'{stem}-last.pth'
+
+
+def restore(name, runs, results):
+    """Rebuild a run folder this machine lacks from what results/ ships (last.pth, best.pth, also as
+    its ranked file so that a better evaluation is needed to displace it, and metrics.csv), so the
+    run resumes where its last part stopped on whatever machine ran it."""
+    folder = run_folder(runs, name)
+    best, last = shipped(results, name)
+    if os.path.exists(os.path.join(folder, 'last.pth')) or not os.path.exists(last):
+        return
+    os.makedirs(folder, exist_ok=True)
+    copies = [(last, 'last.pth'), (f"{best[:-len('.pth')]}.csv", 'metrics.csv')]
+    if os.path.exists(best):
+        selected = load_checkpoint(best, map_location='cpu')
+        copies += [(best, 'best.pth'), (best, f"maml_step{selected['step']}_acc{selected['acc']:.4f}.pth")]
+    for src, dest in copies:
+        if os.path.exists(src):
+            shutil.copyfile(src, os.path.join(folder, dest))
+    print(f'{name}: {folder} rebuilt from {results}/ (step {progress(runs, name)[0]})', flush=True)
 
 
 def train_part(name, runs, minutes, device, extra):
@@ -130,7 +167,25 @@ def collect(name, runs, results, device, extra):
     for name_in_run, name_in_results in (('metrics.csv', f'{stem}.csv'), ('learning_curve.png', f'{stem}.png')):
         if os.path.exists(os.path.join(folder, name_in_run)):
             shutil.copyfile(os.path.join(folder, name_in_run), os.path.join(results, name_in_results))
+    ship(name, runs, results, report)
     return report
+
+
+def ship(name, runs, results, report):
+    """results/<name>.pth: best.pth with the figure evaluate.py measured stored in it; results/<name>-last.pth:
+    last.pth while the run is unfinished (removed once it has ended)."""
+    best, last = shipped(results, name)
+    with open(report) as f:
+        r = json.load(f)
+    selected = load_checkpoint(os.path.join(run_folder(runs, name), 'best.pth'), map_location='cpu')
+    atomic_save({**selected, 'test_acc': r['acc_by_step'][-1], 'test_ci': r['ci_by_step'][-1],
+                 'test_by_step': r['acc_by_step'], 'test_tasks': r['tasks']}, best)
+    done, total = progress(runs, name)
+    if done < total:
+        shutil.copyfile(os.path.join(run_folder(runs, name), 'last.pth'), last + '.tmp')
+        os.replace(last + '.tmp', last)
+    elif os.path.exists(last):
+        os.remove(last)
 
 
 def export(name, runs, results, dest):
@@ -152,9 +207,9 @@ def status(runs, results):
     """One line per experiment: steps, wall time, the selected checkpoint and its test accuracy, the paper's."""
     lines = [f"{'experiment':25} {'steps':>15} {'wall':>7} {'best.pth':>40} {'test accuracy (evaluate.py)':>28}  paper"]
     for name in PAPER:
-        done, total = progress(runs, name)
-        rows = read_metrics(run_folder(runs, name))
+        done, total = progress(runs, name, results)
         report = os.path.join(results, name.replace('/', '-') + '-test.json')
+        rows = read_metrics(run_folder(runs, name)) or read_metrics(results, name.replace('/', '-') + '.csv')
         best, test = '-', 'not evaluated'
         if os.path.exists(report):
             with open(report) as f:
@@ -162,7 +217,7 @@ def status(runs, results):
             best = 'older report'   # written before evaluate.py named the checkpoint's step
             if r.get('checkpoint_step') is not None:
                 best = f"step {r['checkpoint_step']}, {r['selected_on']} {100 * r['selection_acc']:.2f}%"
-                if r['checkpoint_step'] != best_step(runs, name):
+                if r['checkpoint_step'] != best_step(runs, name, results):
                     best += ' (stale: --collect)'
             test = f"{100 * r['acc_by_step'][-1]:.2f} +- {100 * r['ci_by_step'][-1]:.2f}% ({r['tasks']} tasks)"
         steps = f'{done} of {total}' if done else 'no checkpoint'
@@ -194,6 +249,7 @@ def main(argv=None):
         return
     name = next_unfinished(flags.runs) if flags.experiment == 'next' else flags.experiment
     experiment(name)
+    restore(name, flags.runs, flags.results)
     try:
         if not flags.collect:
             train_part(name, flags.runs, flags.minutes, flags.device, extra)

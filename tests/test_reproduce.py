@@ -36,8 +36,13 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     assert report['acc_by_step'][-1] == pytest.approx(best['test_acc'], abs=1e-9), 'the final report, reproduced'
     assert report['selected_on'] == 'val' and len(report['acc_by_step']) == 4, 'the preset: 3 fine-tuning steps'
     for path in ('runs/omniglot-paper-5w1s/last.pth', 'runs/omniglot-paper-5w1s/metrics.csv',
-                 'results/omniglot-paper-5w1s-test.json', 'results/omniglot-paper-5w1s.csv'):
+                 'results/omniglot-paper-5w1s-test.json', 'results/omniglot-paper-5w1s.csv',
+                 'results/omniglot-paper-5w1s.pth'):
         assert (tmp_path / 'out' / path).is_file(), f'{path} is exported in the repository layout'
+    results = tmp_path / 'results'
+    shipped = torch.load(results / 'omniglot-paper-5w1s.pth', weights_only=True)
+    assert (shipped['step'], shipped['test_by_step']) == (best['step'], report['acc_by_step']), 'the figure, stored'
+    assert not (results / 'omniglot-paper-5w1s-last.pth').exists(), 'a run at its end ships best.pth alone'
 
     second = part(tmp_path, 'omniglot/paper-5w1s', '--minutes', '1e-6', extra=['--data', omniglot_root, '--epoch', '8'])
     assert second.returncode == 0, second.stderr
@@ -45,14 +50,21 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     assert 'trained to step 6 in' in second.stdout and 'of wall time (evaluations included; the run so far' in second.stdout
     with open(tmp_path / 'results' / 'omniglot-paper-5w1s.csv') as f:
         assert [r['step'] for r in csv.DictReader(f)] == ['2', '4', '6'], 'the budget ends the part at its first log'
+    assert torch.load(results / 'omniglot-paper-5w1s-last.pth', weights_only=True)['step'] == 6, 'unfinished: shipped'
 
     (tmp_path / 'results' / 'omniglot-paper-5w1s-test.json').unlink()
     collected = part(tmp_path, 'omniglot/paper-5w1s', '--collect', extra=['--data', omniglot_root])
     assert collected.returncode == 0 and 'resumed from' not in collected.stdout, collected.stderr
     assert (tmp_path / 'results' / 'omniglot-paper-5w1s-test.json').is_file(), 'evaluated, not trained'
 
+    for f in folder.iterdir():   # the machine is gone: the next part starts from what results/ ships
+        f.unlink()
+    folder.rmdir()
+    assert 'omniglot/paper-5w1s' in part(tmp_path).stdout.split('6 of 8')[0], 'the table reads the shipped run'
     third = part(tmp_path, 'omniglot/paper-5w1s', extra=['--data', omniglot_root])
     assert third.returncode == 0, third.stderr
+    assert 'rebuilt from' in third.stdout and 'resumed from' in third.stdout and 'at step 6' in third.stdout
+    assert not (results / 'omniglot-paper-5w1s-last.pth').exists(), 'at its end the in-progress copy goes'
     assert torch.load(folder / 'last.pth', weights_only=True)['step'] == 8, 'without a budget, to the end'
     assert reproduce.next_unfinished(str(tmp_path / 'runs')) == 'omniglot/paper-5w5s'
     table = part(tmp_path).stdout
