@@ -150,42 +150,51 @@ def train_part(name, runs, minutes, device, extra):
 
 def collect(name, runs, results, device, extra):
     """evaluate.py on best.pth, over the test tasks of the run's own final report, into
-    results/<name>-test.json; the run's metrics and curve into results/."""
+    results/<name>-test.json, and the checkpoints behind the figure into results/ (`ship`); the
+    run's metrics and curve into results/."""
     folder, stem = run_folder(runs, name), name.replace('/', '-')
     best = os.path.join(folder, 'best.pth')
     if not os.path.exists(best):
         raise RunError(f'{folder} holds no best.pth yet (no evaluation has run); train it longer.')
     os.makedirs(results, exist_ok=True)
     report = os.path.join(results, f'{stem}-test.json')
-    data_root = script_flags(extra).data
-    data = ['--data', data_root] if data_root else []
-    tasks = load_checkpoint(best, map_location='cpu')['args']['test_tasks']   # the run's final report's
-    cmd = [sys.executable, os.path.join(REPO, 'evaluate.py'), best, '--json', report, '--device', device,
-           '--tasks', str(tasks)] + data
-    if subprocess.run(cmd).returncode != 0:
-        raise RunError(f'evaluate.py could not score {best} (its message is above).')
+    selected = shipped(results, name)[0]
+    snapshot = os.path.join(results, f'.{stem}.evaluating.pth')   # a run still training may replace best.pth
+    shutil.copyfile(best, snapshot)
+    try:
+        data_root = script_flags(extra).data
+        data = ['--data', data_root] if data_root else []
+        tasks = load_checkpoint(snapshot, map_location='cpu')['args']['test_tasks']   # the run's final report's
+        cmd = [sys.executable, os.path.join(REPO, 'evaluate.py'), snapshot, '--json', report, '--device', device,
+               '--tasks', str(tasks)] + data
+        if subprocess.run(cmd).returncode != 0:
+            raise RunError(f'evaluate.py could not score {best} (its message is above).')
+        ship(snapshot, selected, report)
+    finally:
+        if os.path.exists(snapshot):
+            os.remove(snapshot)
     for name_in_run, name_in_results in (('metrics.csv', f'{stem}.csv'), ('learning_curve.png', f'{stem}.png')):
         if os.path.exists(os.path.join(folder, name_in_run)):
             shutil.copyfile(os.path.join(folder, name_in_run), os.path.join(results, name_in_results))
-    ship(name, runs, results, report)
-    return report
-
-
-def ship(name, runs, results, report):
-    """results/<name>.pth: best.pth with the figure evaluate.py measured stored in it; results/<name>-last.pth:
-    last.pth while the run is unfinished (removed once it has ended)."""
-    best, last = shipped(results, name)
-    with open(report) as f:
-        r = json.load(f)
-    selected = load_checkpoint(os.path.join(run_folder(runs, name), 'best.pth'), map_location='cpu')
-    atomic_save({**selected, 'test_acc': r['acc_by_step'][-1], 'test_ci': r['ci_by_step'][-1],
-                 'test_by_step': r['acc_by_step'], 'test_tasks': r['tasks']}, best)
+    last = shipped(results, name)[1]
     done, total = progress(runs, name)
-    if done < total:
-        shutil.copyfile(os.path.join(run_folder(runs, name), 'last.pth'), last + '.tmp')
+    if done < total:   # the run outlives its machine: the next part can start from here
+        shutil.copyfile(os.path.join(folder, 'last.pth'), last + '.tmp')
         os.replace(last + '.tmp', last)
     elif os.path.exists(last):
         os.remove(last)
+    return report
+
+
+def ship(evaluated, selected, report):
+    """The checkpoint evaluate.py scored into `report`, with that figure stored in it, as `selected`
+    (results/<name>.pth); the report names it there."""
+    with open(report) as f:
+        r = json.load(f)
+    atomic_save({**load_checkpoint(evaluated, map_location='cpu'), 'test_acc': r['acc_by_step'][-1],
+                 'test_ci': r['ci_by_step'][-1], 'test_by_step': r['acc_by_step'], 'test_tasks': r['tasks']}, selected)
+    with open(report, 'w') as f:
+        json.dump({**r, 'checkpoint': os.path.relpath(selected)}, f, indent=1)
 
 
 def export(name, runs, results, dest):
