@@ -11,6 +11,7 @@ The base network of MAML, built from a config list of (name, params) layers.
     net = Learner(config, imgc=1, imgsz=28)
     logits = net(x)                        # its own parameters
     logits = net(x, params=fast_weights)   # a dict {name: tensor} or a list, in parameter order
+    logits = net(x, params=fast_weights, fused_bn=True)   # where only first derivatives are taken
     net = Learner(config, 1, 28, conv='matmul')   # the same function, convolutions as im2col + matmul
 
 The forward pass is a pure function of (x, params), so `torch.func.functional_call`, `grad` and
@@ -19,7 +20,10 @@ paper's transductive setting, also at test time) and keeps no running buffers: a
 tracks running statistics (MAML++'s BNRS, in meta.py) reads each batch's with `with_stats=True`
 and passes its own with `bn_stats`, so no buffer is written in place under `vmap`. Batch norm is
 written from primitive ops on purpose: `F.batch_norm` in training mode under `vmap` gives
-second-order gradients about 1% off (pytorch/functorch#534).
+second-order gradients about 1% off (pytorch/functorch#534). Its first derivatives are exact, and
+its fused kernels take far fewer passes over memory than the primitive form's autograd graph, so
+a pass that is differentiated once at most (MAML's query passes, evaluation, first-order training)
+asks for it with `fused_bn=True` (meta.py does).
 
 `conv` picks how a conv2d layer is computed; both give the same function and gradients of every
 order. 'native' is F.conv2d: under vmap with per-task weights it becomes one grouped convolution.
@@ -56,10 +60,14 @@ LAYER_NAMES = sorted(_PARAMETRIC | set(_FUNCTIONS))
 CONV_FORMULATIONS = ('native', 'matmul')
 
 
-def batch_norm(x, weight, bias, stats=None):
+def batch_norm(x, weight, bias, stats=None, fused=False):
     """Batch norm over every dim but the channel dim (1), with the batch's own statistics, or with
-    `stats` = (mean, var), one value per channel, when given."""
+    `stats` = (mean, var), one value per channel, when given. `fused`: torch's own kernels, exact
+    to first order only under vmap (see the top of this file)."""
     x = x.to(torch.promote_types(x.dtype, torch.float32))   # statistics in float32 under bf16 autocast
+    if fused:
+        mean, var = (None, None) if stats is None else stats
+        return F.batch_norm(x, mean, var, weight, bias, training=stats is None, eps=BN_EPS)
     dims = [d for d in range(x.dim()) if d != 1]
     shape = [1, -1] + [1] * (x.dim() - 2)
     if stats is None:
@@ -135,7 +143,7 @@ class Learner(nn.Module):
                                      f"input of shape {list(x.shape[1:])} it receives ({e}); "
                                      f"change its params to match.") from None
 
-    def _layer(self, i, x, params, bn_stats=None):
+    def _layer(self, i, x, params, bn_stats=None, fused_bn=False):
         name, p = self.config[i]
         j = self._first_param[i]
         if name == 'conv2d':
@@ -146,14 +154,15 @@ class Learner(nn.Module):
         if name == 'linear':
             return F.linear(x, params[j], params[j + 1])
         if name == 'bn':
-            return batch_norm(x, params[j], params[j + 1], bn_stats)
+            return batch_norm(x, params[j], params[j + 1], bn_stats, fused_bn)
         return _FUNCTIONS[name](x, p)
 
-    def forward(self, x, params=None, bn_stats=None, with_stats=False):
+    def forward(self, x, params=None, bn_stats=None, with_stats=False, fused_bn=False):
         """x: [batch, imgc, imgsz, imgsz]; params: None (own), a dict by name, or a list in order.
         bn_stats: None (each batch norm uses its batch's statistics) or one (mean, var) per 'bn'
         layer to normalise with instead. with_stats: also return the batch's `batch_statistics`
-        at each 'bn' layer, as (logits, [(mean, var), ...])."""
+        at each 'bn' layer, as (logits, [(mean, var), ...]). fused_bn: batch norm by torch's fused
+        kernels, for a pass whose second derivative is never taken (see the top of this file)."""
         if params is None:
             params = list(self.vars)
         elif isinstance(params, dict):
@@ -166,7 +175,7 @@ class Learner(nn.Module):
                 if with_stats:
                     stats.append(batch_statistics(x))
                 n_bn += 1
-            x = self._layer(i, x, params, given)
+            x = self._layer(i, x, params, given, fused_bn)
         return (x, stats) if with_stats else x
 
     def names_of(self, layer):

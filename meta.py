@@ -128,12 +128,15 @@ class Meta(nn.Module):
         return {**{name: getattr(self, name) for name in DEFAULTS},
                 'imgc': self.net.imgc, 'imgsz': self.net.imgsz}
 
-    def _forward(self, params, x, version, train):
+    def _forward(self, params, x, version, train, twice=False):
         """Logits of the net with weights `params` after `version` inner steps, and, when tracking
-        BNRS in meta-training, the batch statistics at each batch norm ([] otherwise)."""
+        BNRS in meta-training, the batch statistics at each batch norm ([] otherwise). `twice`: the
+        meta-gradient will differentiate this pass twice (a support pass of second-order training),
+        so batch norm keeps its primitive form; every other pass takes torch's fused kernels."""
         if train and self.bnrs:
-            return self.net(x, params=params, with_stats=True)
-        return self.net(x, params=params, bn_stats=None if train else self.extras.running(version)), []
+            return self.net(x, params=params, with_stats=True, fused_bn=not twice)
+        return self.net(x, params=params, bn_stats=None if train else self.extras.running(version),
+                        fused_bn=not twice), []
 
     def _task(self, theta, x_spt, y_spt, x_qry, y_qry, steps, query_at, first_order, train):
         """One task: `steps` SGD steps on the support loss from theta (only the names in
@@ -145,7 +148,8 @@ class Meta(nn.Module):
         losses, accs, stats = [], [], []
 
         def support_loss(fast, version):
-            logits, batch = self._forward({**frozen, **fast, **self.extras.bn_params(version)}, x_spt, version, train)
+            logits, batch = self._forward({**frozen, **fast, **self.extras.bn_params(version)}, x_spt, version, train,
+                                          twice=train and not first_order)
             return F.cross_entropy(logits, y_spt), batch
 
         for version in range(steps + 1):

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from learner import Learner, conv2d_matmul
+from learner import Learner, batch_norm, conv2d_matmul
 from test_meta import make_meta, make_tasks, meta_grad
 
 EVERY_LAYER = [
@@ -81,3 +81,18 @@ def test_matmul_convolution_gives_the_same_vectorised_meta_gradient(first_order)
 def test_unknown_convolution_formulation_is_a_clear_error():
     with pytest.raises(ValueError, match="'fft', which is not a convolution formulation"):
         Learner([('conv2d', [2, 1, 3, 3, 1, 1])], imgc=1, imgsz=4, conv='fft')
+
+
+def test_fused_batch_norm_is_the_primitive_one_to_first_order_under_vmap():
+    """What lets Meta use torch's fused batch norm in every pass it differentiates once."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 5, 6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    probe = torch.randn(3, 4, 5, 6, 6, generator=g, dtype=torch.float64)
+    results = []
+    for fused in (False, True):
+        out = torch.vmap(lambda x, w, b: batch_norm(x, w, b, fused=fused))(x, w, b)
+        results.append((out, *torch.autograd.grad((out * probe).sum(), (x, w, b))))
+    for primitive, fused in zip(*results):
+        torch.testing.assert_close(fused, primitive, rtol=1e-12, atol=1e-12)
