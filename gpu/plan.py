@@ -9,7 +9,8 @@ command of at most --minutes (README, GPU plan).
    with a timeout of its own, --jobs at a time, the compiled one first (it compiles for minutes,
    beside the others); a table of which ran and which failed, with the last line of the error.
 2. bench: the uncompiled benchmarks/bench.py --quick rows (--bench_impls on --bench_workloads, in
-   that order), each in a fresh process, until --bench_minutes are spent.
+   that order), each in a fresh process, until --bench_minutes are spent (a step's FLOPs, the same
+   on every device, are left to bench.py on a CPU).
 3. reproduce: reproduce.py EXPERIMENT (its run folder carried in runs/, or started afresh) for the
    minutes left less RESERVE_S for its final evaluations; flags after `--` go to it as after its
    own `--`. Its run folder and results are exported in the repository's layout.
