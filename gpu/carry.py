@@ -30,6 +30,7 @@ import sys
 import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
+import omniglot_train
 from errors import DamagedError, FlagError, MissingError
 from MiniImagenet import read_split
 from omniglotNShot import load_images
@@ -37,9 +38,9 @@ from trainer import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get('MAML_DATA', os.path.join(REPO, '..', 'shared', 'data'))
-OMNIGLOT_ROOT = os.path.join('data', 'omniglot')
+OMNIGLOT_ROOT = omniglot_train.DATA_ROOT
 OMNIGLOT_ZIPS = ('images_background.zip', 'images_evaluation.zip')
-MINI_SAMPLE = os.path.join('.gpu', 'mini-sample')
+MINI_SAMPLE = os.path.join(REPO, '.gpu', 'mini-sample')
 SAMPLE_CLASSES, SAMPLE_PER_CLASS = 5, 20   # per split: enough for the plan's 5-way 1-shot check
 MANIFEST, SUMS = 'manifest.json', 'SHA256SUMS'
 ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
@@ -96,31 +97,38 @@ def sample_miniimagenet(source, dest, n_classes=SAMPLE_CLASSES, per_class=SAMPLE
     the source's archives, per_class images each, read from the archives without unpacking the rest."""
     refuse_existing(dest)
     scratch = staged(dest, 'sampling')
-    os.makedirs(os.path.join(scratch, 'images'))
-    for mode in ('train', 'val', 'test'):
-        with open(os.path.join(source, f'{mode}.csv'), newline='') as f:
-            header, *rows = list(csv.reader(f))
-        by_class = {}
-        for name, label in rows:
-            by_class.setdefault(label, []).append(name)
-        chosen = [(name, label) for label in list(by_class)[:n_classes] for name in by_class[label][:per_class]]
-        wanted = {name for name, _ in chosen}
-        with tarfile.open(os.path.join(source, f'images_{mode}.tar.gz')) as tar:
-            for member in tar:
-                name = os.path.basename(member.name)
-                if member.isfile() and name in wanted:
-                    with tar.extractfile(member) as image, open(os.path.join(scratch, 'images', name), 'wb') as out:
-                        shutil.copyfileobj(image, out)
-                    wanted.discard(name)
-                    if not wanted:
-                        break
-        if wanted:
-            raise DamagedError(f"images_{mode}.tar.gz in {source} lacks {len(wanted)} images its CSV lists "
-                               f"(first: {sorted(wanted)[0]}); replace it with the release's archive.")
-        with open(os.path.join(scratch, f'{mode}.csv'), 'w', newline='') as f:
-            csv.writer(f, lineterminator='\n').writerows([header, *chosen])
-        read_split(scratch, mode)   # the loader's own check of the layout
-    os.rename(scratch, dest)
+    try:
+        os.makedirs(os.path.join(scratch, 'images'))
+        for mode in ('train', 'val', 'test'):
+            sample_split(source, mode, scratch, n_classes, per_class)
+            read_split(scratch, mode)   # the loader's own check of the layout
+        os.rename(scratch, dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def sample_split(source, mode, dest, n_classes, per_class):
+    with open(os.path.join(source, f'{mode}.csv'), newline='') as f:
+        header, *rows = list(csv.reader(f))
+    by_class = {}
+    for name, label in rows:
+        by_class.setdefault(label, []).append(name)
+    chosen = [(name, label) for label in list(by_class)[:n_classes] for name in by_class[label][:per_class]]
+    wanted = {name for name, _ in chosen}
+    with tarfile.open(os.path.join(source, f'images_{mode}.tar.gz')) as tar:
+        for member in tar:
+            name = os.path.basename(member.name)
+            if member.isfile() and name in wanted:
+                with tar.extractfile(member) as image, open(os.path.join(dest, 'images', name), 'wb') as out:
+                    shutil.copyfileobj(image, out)
+                wanted.discard(name)
+                if not wanted:
+                    break
+    if wanted:
+        raise DamagedError(f"images_{mode}.tar.gz in {source} lacks {len(wanted)} images its CSV lists "
+                           f"(first: {sorted(wanted)[0]}); replace it with the release's archive.")
+    with open(os.path.join(dest, f'{mode}.csv'), 'w', newline='') as f:
+        csv.writer(f, lineterminator='\n').writerows([header, *chosen])
 
 
 # split, keep, join ---------------------------------------------------------------------------------
@@ -350,7 +358,8 @@ def main(argv=None):
         paths = prepare(SHARED)
         sizes = {path: sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
                  if os.path.isdir(path) else os.path.getsize(path) for path in paths}
-        print('carry: ' + ', '.join(f'{path} ({format_mb(size)})' for path, size in sizes.items()))
+        print('carry: ' + ', '.join(f'{os.path.relpath(path, REPO)} ({format_mb(size)})'
+                                    for path, size in sizes.items()))
     elif args.command == 'split':
         manifest = split(args.source, args.dest, args.max_mb, args.files)
         print(f"{len(manifest['files'])} files, {format_mb(sum(f['bytes'] for f in manifest['files']))}, in "

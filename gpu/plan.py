@@ -92,8 +92,8 @@ def all_checks(device, work, omniglot, mini):
         Check('omniglot', [train('omniglot')]),
         Check('miniimagenet', [[py, script('miniimagenet_train.py'), '--data', mini or '', '--device', device,
                                 '--save_dir', folder('miniimagenet'), *TINY]], MINI_S,
-              skip=None if mini else f'no mini-ImageNet here: carry {MINI_SAMPLE} (python gpu/carry.py prepare), '
-                                     f'or join data/miniimagenet from its parts'),
+              skip=None if mini else f'no mini-ImageNet here: carry {os.path.relpath(MINI_SAMPLE, REPO)} '
+                                     f'(python gpu/carry.py prepare), or join data/miniimagenet from its parts'),
         Check('amp', [train('amp', '--amp')], cuda_only=True),
         *(Check(algo, [train(algo, '--algo', algo)]) for algo in ('anil', 'metasgd', 'reptile')),
         Check('maml++', [train('maml++', '--preset', 'maml++')]),
@@ -356,7 +356,7 @@ def main(argv=None):
         raise MissingError(f"Omniglot is not in {flags.omniglot}: carry data/omniglot/omniglot_28_official.pt "
                            f"(`python gpu/carry.py prepare` makes it), or pass --omniglot.") from None
     if flags.miniimagenet is None:
-        flags.miniimagenet = next((root for root in (miniimagenet_train.DATA_ROOT, os.path.join(REPO, MINI_SAMPLE))
+        flags.miniimagenet = next((root for root in (miniimagenet_train.DATA_ROOT, MINI_SAMPLE)
                                    if os.path.isfile(os.path.join(root, 'train.csv'))), None)
     plan = Plan(flags)
     plan.say(f"GPU plan on {plan.result['device']}, torch {torch.__version__} (CUDA {torch.version.cuda}), "

@@ -106,3 +106,13 @@ def test_a_source_that_fails_its_checksum_is_not_split(tmp_path):
     with pytest.raises(DamagedError, match=r'val\.csv does not match its SHA-256 in SHA256SUMS'):
         carry.split(str(source), str(tmp_path / 'parts'))
     assert sorted(os.listdir(tmp_path)) == ['miniimagenet'], 'no parts, finished or not'
+
+
+def test_the_sample_holds_the_first_classes_of_each_split_in_the_loaders_layout(tmp_path):
+    carry.sample_miniimagenet(str(shared_miniimagenet()), str(tmp_path / 'sample'), n_classes=5, per_class=20)
+    for mode in ('train', 'val', 'test'):
+        labels = [row.split(',')[1] for row in (shared_miniimagenet() / f'{mode}.csv').read_text().splitlines()[1:]]
+        split = read_split(str(tmp_path / 'sample'), mode)
+        assert split['class_names'] == list(dict.fromkeys(labels))[:5] and split['counts'].tolist() == [20] * 5
+    assert len(os.listdir(tmp_path / 'sample' / 'images')) == 300
+    assert sorted(os.listdir(tmp_path)) == ['sample'], 'no scratch folder left'
