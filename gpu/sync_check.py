@@ -30,7 +30,9 @@ from trainer import device_name, run_main, setup_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ('meta', 'maml++', 'from-checkpoint', 'sampling')
-TINY = ['--task_num', '4', '--k_qry', '2', '--num_filters', '16', '--update_step', '2', '--epoch', '100']
+# the paper presets' per-task rotation on, so that its draw is on the checked path too
+TINY = ['--task_num', '4', '--k_qry', '2', '--num_filters', '16', '--update_step', '2', '--epoch', '100',
+        '--rotate', 'per_task']
 
 
 @contextlib.contextmanager
