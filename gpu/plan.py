@@ -11,9 +11,10 @@ command of at most --minutes (README, GPU plan).
 2. bench: the uncompiled benchmarks/bench.py --quick rows (--bench_impls on --bench_workloads, in
    that order), each in a fresh process, until --bench_minutes are spent (a step's FLOPs, the same
    on every device, are left to bench.py on a CPU).
-3. reproduce: reproduce.py EXPERIMENT (its run folder carried in runs/, or started afresh) for the
-   minutes left less RESERVE_S for its final evaluations; flags after `--` go to it as after its
-   own `--`. Its run folder and results are exported in the repository's layout.
+3. reproduce: reproduce.py EXPERIMENT (resumed from its run folder if carried into runs/, else from
+   the results/<run>-last.pth the repository ships, else started) for the minutes left less
+   RESERVE_S for its final evaluations; flags after `--` go to it as after its own `--`. Its run
+   folder and results are exported in the repository's layout.
 What it measured goes into --out as it goes (the run tool brings back at most 8 files of 16 MiB):
 gpu-plan-<time>.json (device, torch, CUDA, each stage's seconds, the check table, the bench rows,
 the reproduction's outcome), gpu-plan-<time>.log (every command's output) and export.tar.0, .1, ...,
@@ -26,6 +27,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +48,7 @@ import reproduce
 from carry import MINI_SAMPLE
 from errors import FlagError, MissingError, UserError
 from omniglotNShot import load_images
-from trainer import device_name, format_duration, run_main
+from trainer import available_device, device_name, format_duration, run_main
 
 STAGES = ('checks', 'bench', 'reproduce')
 # a few steps of each path: 2 inner steps, 4 tasks (2 per rank under torchrun), evaluation and the final report included
@@ -280,13 +282,13 @@ class Plan:
             outcome['status'] = 'not run'
             self.say(f'reproduce {name}: not run, only {format_duration(self.left())} left')
             return
-        steps_before = reproduce.progress(runs, name)[0]
+        steps_before = reproduce.progress(runs, name, results)[0]   # also a run results/ ships, not yet restored
         command = [sys.executable, os.path.join(REPO, 'reproduce.py'), name, '--minutes', f'{minutes:.2f}',
                    '--device', flags.device, '--runs', runs, '--results', results, '--', *flags.train_flags]
         with open(self.log_path, 'a') as log:
             status, seconds, message = run_command(command, self.left() - 10, log)
         stem = name.replace('/', '-')
-        steps_after = reproduce.progress(runs, name)[0]
+        steps_after = reproduce.progress(runs, name, results)[0]
         outcome.update(status=status, seconds=round(seconds, 1), message=message, steps=[steps_before, steps_after])
         report = os.path.join(results, f'{stem}-test.json')
         if status == 'ok' and os.path.isfile(report):
@@ -344,6 +346,7 @@ def main(argv=None):
             setattr(flags, name, os.path.abspath(getattr(flags, name)))
     if not flags.minutes > 0:
         raise FlagError(f'--minutes is {flags.minutes} but must be positive.')
+    available_device(flags.device)
     if flags.experiment != 'next':
         reproduce.experiment(flags.experiment)
     known = [c.name for c in all_checks(flags.device, '', '', None)]
@@ -355,10 +358,21 @@ def main(argv=None):
     except MissingError:
         raise MissingError(f"Omniglot is not in {flags.omniglot}: carry data/omniglot/omniglot_28_official.pt "
                            f"(`python gpu/carry.py prepare` makes it), or pass --omniglot.") from None
+    if 'bench' in flags.stages:   # the workloads' names and the device, as bench.py checks them
+        bench.check_inputs(flags.bench_workloads, argparse.Namespace(device=flags.device, omniglot=flags.omniglot,
+                                                                     loaders=False), torch.device(flags.device))
     if flags.miniimagenet is None:
         flags.miniimagenet = next((root for root in (miniimagenet_train.DATA_ROOT, MINI_SAMPLE)
                                    if os.path.isfile(os.path.join(root, 'train.csv'))), None)
     plan = Plan(flags)
+    try:
+        run_stages(plan)
+    finally:   # the checks' runs and the export's copies: what matters is in --out
+        shutil.rmtree(plan.work, ignore_errors=True)
+
+
+def run_stages(plan):
+    flags = plan.flags
     plan.say(f"GPU plan on {plan.result['device']}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
              f"{plan.result['gpus']} GPU(s); stages {', '.join(flags.stages)} within {flags.minutes:g} min")
     plan.save()
