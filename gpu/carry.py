@@ -12,9 +12,10 @@ official zips, copied from the shared data folder when data/omniglot has neither
 .gpu/mini-sample/, a few real classes of each mini-ImageNet split in the loader's layout.
 
 mini-ImageNet's 197 MB of archives do not fit one call, so `split` cuts the files listed in the
-source's SHA256SUMS (each checked against it first) into consecutive parts of at most --max-mb MB,
-one folder per part (<dest>/1/, <dest>/2/, ...), each with manifest.json: every part's and every
-whole file's size and SHA-256. Each call carries one part folder; `keep` checks the part and moves
+source's SHA256SUMS (each checked against it first) into consecutive parts of at most --max-mb MB
+(refused when a part and this checkout's working tree exceed the 64 MiB a call sends), one folder
+per part (<dest>/1/, <dest>/2/, ...), each with manifest.json: every part's and every whole file's
+size and SHA-256. Each call carries one part folder; `keep` checks the part and moves
 it into a folder the calls do not carry, which the machine keeps while it stays warm between calls.
 `join` checks every part's checksum, rebuilds and checks every whole file, unpacks the archives and
 lays out <dest>/images/*.jpg and the CSVs, checks that every CSV row has its image, and only then
@@ -26,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 
@@ -45,6 +47,7 @@ SAMPLE_CLASSES, SAMPLE_PER_CLASS = 5, 20   # per split: enough for the plan's 5-
 MANIFEST, SUMS = 'manifest.json', 'SHA256SUMS'
 ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
 BLOCK = 1 << 20
+CALL_BYTES = 64 << 20   # what one run call sends: the working tree and what it carries
 
 
 def format_mb(n_bytes):
@@ -185,12 +188,24 @@ class PartWriter:
         return self.parts
 
 
+def working_tree_bytes():
+    """The size of what a run call sends besides what it carries: this checkout's files that git
+    does not ignore (0 outside a git checkout)."""
+    listed = subprocess.run(['git', '-C', REPO, 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
+                            capture_output=True)
+    paths = [os.path.join(REPO, p) for p in listed.stdout.decode().split('\0') if p] if listed.returncode == 0 else []
+    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+
+
 def split(source, dest, max_mb=60, names=None):
     """Cut the files of source/SHA256SUMS (or those of them named), each checked against it, into
     parts of at most max_mb MB under dest/1/, dest/2/, ...; returns the manifest."""
-    max_bytes = int(max_mb * 1e6)
+    max_bytes, tree = int(max_mb * 1e6), working_tree_bytes()
     if max_bytes < 1:
         raise FlagError(f"--max-mb {max_mb} gives no room for a part; pass a positive size such as 60.")
+    if max_bytes + tree > CALL_BYTES:
+        raise FlagError(f"a part of {max_mb:g} MB and this checkout's {format_mb(tree)} working tree exceed the "
+                        f"64 MiB a call sends; pass --max-mb {int((CALL_BYTES - tree) / 1e6) - 1} or less.")
     listed = dict(listed_files(source))
     unknown = [n for n in names or () if n not in listed]
     if unknown:

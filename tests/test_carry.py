@@ -10,7 +10,7 @@ import pytest
 
 import carry
 from conftest import REPO, shared_miniimagenet
-from errors import DamagedError, MissingError
+from errors import DamagedError, FlagError, MissingError
 from MiniImagenet import read_split
 
 VAL = ['images_val.tar.gz', 'val.csv']   # 32 MB: three parts of at most 12 MB
@@ -94,6 +94,13 @@ def test_a_missing_part_stops_the_command_line_in_one_sentence(parts, tmp_path):
     assert run.stderr.strip().splitlines() == [
         f"error: part 1 of 3 (miniimagenet.part1) is missing from {kept}; carry {dest}/1 and keep it with "
         f"`python gpu/carry.py keep`."]
+
+
+def test_parts_too_large_to_travel_with_the_working_tree_are_refused(tmp_path):
+    with pytest.raises(FlagError, match=r"a part of 66 MB and this checkout's [\d.]+ MB working tree exceed the "
+                                        r"64 MiB a call sends; pass --max-mb \d+ or less"):
+        carry.split(str(shared_miniimagenet()), str(tmp_path / 'parts'), max_mb=66, names=VAL)
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_source_that_fails_its_checksum_is_not_split(tmp_path):
