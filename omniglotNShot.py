@@ -31,7 +31,9 @@ never drawn. It works with either split.
 rotate: 'classes' (or True) adds each training character rotated by 90, 180 and 270 degrees as
 three new classes; 'per_task' is the official code's draw: in every task of every split, each
 class gets one random rotation out of 0/90/180/270, the same for its support and query images,
-so a character appears at most once per task.
+so a character appears at most once per task. `rotate_modes=('train',)` keeps that draw to the
+training tasks, for Lake et al.'s benchmark, whose characters are tested as drawn: a quarter turn
+per test class is an orientation cue that tells apart the characters of one alphabet.
 
 The whole set lives on `device` as uint8 and each episode is one gather there; only the drawn
 indices (a few kB) cross from the CPU, where tasks are drawn so that a seed gives the same tasks on
@@ -197,7 +199,7 @@ class OmniglotNShot:
 
     def __init__(self, root, batchsz, n_way, k_shot, k_query, imgsz=28, device='cpu', rotate=None,
                  download=True, seed=0, val_classes=0, preprocess='official', split='random',
-                 val_alphabets=0, within_alphabet=()):
+                 val_alphabets=0, within_alphabet=(), rotate_modes=None):
         self._check_shots(k_shot, k_query)
         self.rotate = _choice({True: 'classes', False: None}.get(rotate, rotate), ROTATIONS, 'rotate')
         _choice(preprocess, PREPROCESSING, 'preprocess')
@@ -226,6 +228,7 @@ class OmniglotNShot:
             self.index_table[mode] = torch.arange(len(split_images) * DRAWINGS).view(-1, DRAWINGS)
             self.counts[mode] = torch.full((len(split_images),), DRAWINGS)
         self.alphabet_groups = {mode: self._alphabet_groups(mode, n_way) for mode in within_alphabet}
+        self.rotate_modes = self._rotate_modes(rotate_modes)
         # rotating a flat image = gathering its pixels at rot90 of the pixel positions
         positions = torch.arange(imgsz * imgsz, device=self.device).view(imgsz, imgsz)
         self.rotated_positions = torch.stack([positions.rot90(k).reshape(-1) for k in range(4)])
@@ -277,6 +280,16 @@ class OmniglotNShot:
                             f"can come from one alphabet; lower --n_way or draw {mode} tasks across alphabets.")
         return members, sizes
 
+    def _rotate_modes(self, modes):
+        """The splits whose tasks get the per-task rotation: all of them unless `modes` names some."""
+        if modes is None:
+            return tuple(self.data)
+        unknown = [mode for mode in modes if mode not in self.data]
+        if unknown:
+            raise FlagError(f"rotate_modes names split {unknown[0]!r}, which this loader does not have "
+                            f"(it has {', '.join(self.data)}); name only those.")
+        return tuple(modes)
+
     def reset(self, mode, seed):
         """Restart the episode stream of `mode` (e.g. to evaluate on the same tasks every time)."""
         self.generators[mode].manual_seed(seed)
@@ -300,7 +313,7 @@ class OmniglotNShot:
         groups = self.alphabet_groups.get(mode)
         classes, spt, y_spt, qry, y_qry = draw_group_tasks(*task, *groups) if groups else draw_tasks(*task)
         drawn = [classes, spt, y_spt, qry, y_qry]
-        if self.rotate == 'per_task':
+        if self.rotate == 'per_task' and mode in self.rotate_modes:
             turns = torch.randint(4, classes.shape, generator=self.generators[mode])
             drawn += [turns.gather(1, y_spt), turns.gather(1, y_qry)]
         classes, spt, y_spt, qry, y_qry, *turns_of = to_device(drawn, self.device)

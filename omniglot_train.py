@@ -39,12 +39,15 @@ def network(n_way, imgsz, filters=64):
 
 
 def make_loader(args, device, batchsz=None, seed=None):
+    """The loader of a run's flags. With --split lake, validation and test tasks are drawn within
+    one alphabet, and only training tasks are rotated: the benchmark tests characters as drawn."""
+    lake = args.split == 'lake'
     return OmniglotNShot(args.data, batchsz=batchsz or args.task_num, n_way=args.n_way, k_shot=args.k_spt,
                          k_query=args.k_qry, imgsz=args.imgsz, device=device,
                          rotate=None if args.rotate == 'none' else args.rotate,
                          seed=args.seed if seed is None else seed, val_classes=args.val_classes,
                          preprocess=args.preprocess, split=args.split, val_alphabets=args.val_alphabets,
-                         within_alphabet=('val', 'test') if args.split == 'lake' else ())
+                         within_alphabet=('val', 'test') if lake else (), rotate_modes=('train',) if lake else None)
 
 
 def evaluation_tasks(db, mode, n_tasks, k_query, maml, seed=EVAL_SEED):
@@ -58,8 +61,9 @@ def build_parser():
     parser = make_parser(__doc__.strip().splitlines()[0], 'omniglot', DATA_ROOT)
     parser.add_argument('--rotate', choices=['none', 'classes', 'per_task'],
                         help="rotation augmentation of training characters: 'per_task' gives each class of "
-                             "a task a random multiple of 90 degrees (the official code); 'classes' adds "
-                             "the rotated characters as new classes")
+                             "a task a random multiple of 90 degrees (the official code, in every split; "
+                             "with --split lake in training tasks only); 'classes' adds the rotated "
+                             "characters as new classes")
     parser.add_argument('--val_classes', type=int,
                         help='training characters held out to rank checkpoints (the official code: 100); '
                              '0 ranks them on the test characters')

@@ -44,7 +44,8 @@ PRESETS = {
         'paper-20w5s': dict(_OMNIGLOT_20WAY, k_spt=5, k_qry=5, k_qry_test=5),
         'maml++': dict(_OMNIGLOT_20WAY, **MAMLPP, epoch=50000, task_num=8, k_spt=1, k_qry=1, k_qry_test=1),
         # Lake et al. 2015: train on the 30 background alphabets, test 20-way 1-shot within one of
-        # the 20 evaluation alphabets (the paper's 20-way 1-shot recipe otherwise)
+        # the 20 evaluation alphabets (the paper's 20-way 1-shot recipe otherwise); the rotation
+        # turns training tasks only (omniglot_train.make_loader): the benchmark tests characters as drawn
         'lake-20w1s': dict(_OMNIGLOT_20WAY, k_spt=1, k_qry=1, k_qry_test=1, split='lake', val_classes=0,
                            val_alphabets=5),
     },

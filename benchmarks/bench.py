@@ -283,6 +283,32 @@ def check_inputs(workloads, args, device):
         read_split(args.mini, 'train')
 
 
+def run_row(name, impl, device, omniglot_root, quick=False, threads=0, timeout=None):
+    """The row of workload `name` (e.g. omniglot-paper-so) and `impl`, timed in a fresh process so
+    that its peak memory is its own: time_row's dict, or one holding the error or the timeout."""
+    workload, order = name.rsplit('-', 1)
+    cmd = [sys.executable, __file__, '--row', workload, order, impl, '--device', str(device),
+           '--omniglot', omniglot_root, '--threads', str(threads)] + ['--quick'] * quick
+    failed = dict(workload=name, impl=impl, device=device_name(device), torch=torch.__version__)
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(failed, error=f'no result within {timeout:.0f} s')
+    if run.returncode == 0:
+        return json.loads(run.stdout.strip().splitlines()[-1])
+    return dict(failed, error=(run.stderr.strip().splitlines() or [f'exit status {run.returncode}'])[-1][:200])
+
+
+def add_speedups(rows):
+    """Each timed row's speed-up over the reference row and over the seed row of its workload."""
+    for row in rows:
+        for column, impl in (('speedup', 'reference'), ('vs_seed', 'seed')):
+            ref = next((r for r in rows if r['workload'] == row['workload'] and r['impl'] == impl
+                        and 'ms_per_step' in r), None)
+            if ref and 'ms_per_step' in row:
+                row[column] = round(ref['ms_per_step'] / row['ms_per_step'], 2)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -322,25 +348,12 @@ def main():
 
     rows = []
     for name in args.workloads:
-        workload, order = name.rsplit('-', 1)
         for impl in args.impls:
             if impl in CUDA_ONLY and device.type != 'cuda':
                 continue
-            cmd = [sys.executable, __file__, '--row', workload, order, impl, '--device', args.device,
-                   '--omniglot', args.omniglot, '--threads', str(args.threads)] + ['--quick'] * args.quick
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            if run.returncode == 0:
-                rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
-            else:
-                rows.append(dict(workload=name, impl=impl, device=device_name(device), torch=torch.__version__,
-                                 error=run.stderr.strip().splitlines()[-1][:200]))
+            rows.append(run_row(name, impl, device, args.omniglot, args.quick, args.threads))
             print(format_row(rows[-1]), flush=True)
-    for row in rows:
-        for column, impl in (('speedup', 'reference'), ('vs_seed', 'seed')):
-            ref = next((r for r in rows if r['workload'] == row['workload'] and r['impl'] == impl
-                        and 'ms_per_step' in r), None)
-            if ref and 'ms_per_step' in row:
-                row[column] = round(ref['ms_per_step'] / row['ms_per_step'], 2)
+    add_speedups(rows)
 
     rate = matmul_rate(device)
     print(f'\n{device_name(device)}, torch {torch.__version__}; measured matmul rate {rate / 1e12:.2f} TFLOP/s; '

@@ -165,6 +165,8 @@ def test_bad_options_are_clear_errors(omniglot_root):
         make(split='lake', val_alphabets=30)
     with pytest.raises(ValueError, match="within_alphabet names split 'val', which this loader does not have"):
         make(split='lake', within_alphabet=('val',))
+    with pytest.raises(ValueError, match="rotate_modes names split 'val', which this loader does not have"):
+        make(rotate='per_task', rotate_modes=('train', 'val'))
 
 
 def test_group_tasks_draw_distinct_classes_of_one_large_enough_group():

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from conftest import REPO
+from flags import parse_args
 from meta import Meta
+from omniglot_train import build_parser, make_loader
 
 # A small but honest configuration that learns in about a minute on 2 CPU cores: the paper's
 # second-order MAML with a narrower net, one inner step and a larger meta learning rate.
@@ -105,6 +107,26 @@ def test_lake_benchmark_trains_on_background_alphabets_and_tests_within_one_alph
     best = torch.load(tmp_path / 'best.pth', weights_only=True)
     assert best['args']['split'] == 'lake' and best['split'] == 'val' and 0 <= best['test_acc'] <= 1
     assert Meta.from_state(best).net.config[-1] == ('linear', [20, 8 * 2 * 2])
+
+
+@pytest.mark.parametrize('preset, rotated', [('lake-20w1s', {'train'}),
+                                             ('paper-20w1s', {'train', 'val', 'test'})])
+def test_lake_tasks_are_turned_in_training_only_and_the_papers_in_every_split(omniglot_root, preset, rotated):
+    """Lake et al.'s benchmark tests characters as drawn: with its preset the loader that training,
+    the final report and evaluate.py all build (make_loader) rotates training tasks only."""
+    args = parse_args(build_parser(), 'omniglot', ['--preset', preset, '--data', omniglot_root, '--device', 'cpu'])
+    db = make_loader(args, torch.device('cpu'))
+    assert set(db.data) == {'train', 'val', 'test'}
+    for mode in db.data:
+        x_spt, _, x_qry, _, _, spt, qry = db.next(mode, return_indices=True)
+        images = torch.cat([x_spt, x_qry], 1)
+        drawn = db.data[mode][torch.cat([spt, qry], 1)].float() / 255
+        # turned[k, b, i]: image i of task b is its drawing turned k quarter turns
+        turned = torch.stack([(images == drawn.rot90(k, dims=(-2, -1))).flatten(2).all(-1) for k in range(4)])
+        if mode in rotated:
+            assert turned.any(0).all() and not turned[0].all(), f'{preset} {mode} tasks are turned'
+        else:
+            assert turned[0].all(), f'{preset} {mode} tasks show every character as drawn'
 
 
 def test_ctrl_c_names_the_checkpoint_to_resume_from(omniglot_root, tmp_path):
