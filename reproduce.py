@@ -3,7 +3,7 @@ Run the paper's experiments (presets.py) to their end, one part at a time, and c
 
     python reproduce.py                                    # where each experiment stands
     python reproduce.py omniglot/paper-5w5s --minutes 120  # start or continue one for 2 h, then evaluate
-    python reproduce.py next --minutes 8 --device cuda --export $OUT    # the first unfinished run in runs/
+    python reproduce.py next --minutes 8 --device cuda --export out     # the first unfinished run in runs/
     python reproduce.py omniglot/paper-5w1s --collect      # evaluate and collect a run as it stands
 
 A run lives in runs/<dataset>-<preset>/. A part starts the run (or resumes it from its last.pth;
@@ -247,7 +247,8 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--runs', default='runs', help='folder of the run folders')
     p.add_argument('--results', default='results', help='folder of the collected results')
-    p.add_argument('--export', help='also copy the run and its results here (e.g. $OUT on a lent machine)')
+    p.add_argument('--export', help='also copy the run and its results here, in this repository\'s layout (on a '
+                                    'lent GPU, gpu/plan.py packs them for the trip back)')
     p.add_argument('--collect', action='store_true',
                    help='train nothing: evaluate and collect the run as it stands (e.g. one stopped by hand)')
     flags = p.parse_args(argv)
