@@ -45,11 +45,11 @@ import zlib
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets.utils import download_url
 from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError
+from imagecache import UNREADABLE, ImageFormat
 from episodes import draw_group_tasks, draw_tasks, group_table, set_generator_state, to_device
 from scratch import remove_orphans
 
@@ -60,6 +60,7 @@ DRAWINGS = 20            # every Omniglot character is drawn by 20 people
 N_TRAIN_CLASSES = 1200   # the paper's meta-training split; the other 423 characters are for test
 SPLIT_SEED = 0           # fixed so that every run and every checkpoint sees the same test characters
 PREPROCESSING = ('official', 'greyscale')
+RESAMPLING = {'official': 'binary', 'greyscale': 'lanczos'}   # imagecache.ImageFormat's names of the two
 SPLITS = ('random', 'lake')
 ROTATIONS = (None, 'classes', 'per_task')
 SCRATCH_PREFIX = '.extracting-'   # + '<pid>-<part>': an extraction under way, or killed midway
@@ -177,11 +178,8 @@ def load_images(root, imgsz, preprocess='official', download=True):
 
 def _read_png(path, imgsz, preprocess):
     try:
-        with Image.open(path) as img:
-            if preprocess == 'official':   # no convert first: PIL keeps a 1-bit image binary
-                return 255 - np.asarray(img.resize((imgsz, imgsz), Image.LANCZOS).convert('L'), dtype=np.uint8)
-            return np.asarray(img.convert('L').resize((imgsz, imgsz), Image.LANCZOS), dtype=np.uint8)
-    except OSError:
+        return ImageFormat(1, imgsz, RESAMPLING[preprocess]).decode(path)[0]
+    except UNREADABLE:
         raise DamagedError(f"Cannot read {path}; the file is damaged, so delete the extracted "
                            f"folders and run again to extract the archives anew.") from None
 
