@@ -84,6 +84,14 @@ def fetch_archives(root, download=True, base_url=BASE_URL, md5=ARCHIVE_MD5):
     return folders
 
 
+def holds_omniglot(root):
+    """Whether root holds Omniglot in a form this loader reads (see the top), rather than being a
+    folder of images of some other kind."""
+    entries = os.listdir(root) if os.path.isdir(root) else []
+    return any(name in entries for name in ('processed', *ARCHIVE_MD5, *(part + '.zip' for part in ARCHIVE_MD5))) or \
+        any(name.startswith('omniglot_') and name.endswith('.pt') for name in entries)
+
+
 def _extract(archive, root, part):
     """Extract <part>.zip into a scratch folder, then rename <part>/ into place: an interrupted
     extraction never passes for a complete one, and zipfile drops absolute and '..' member paths."""
