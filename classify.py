@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from errors import DamagedError, FlagError, MissingError
-from folder import LAYOUTS_HELP, checkpoint_format, find_classes, is_image, listing, not_images_note
+from folder import LAYOUTS_HELP, checkpoint_format, counted, find_classes, is_image, listing, not_images_note
 from imagecache import UNREADABLE, normalize, undecodable
 from meta import Meta, load_checkpoint
 from presets import DEFAULTS
@@ -80,7 +80,7 @@ class FewShotClassifier:
             if others:
                 print(not_images_note(others, 'of the support folder'), file=sys.stderr)
         if not 2 <= len(support) <= self.n_way:
-            raise FlagError(f"the support set has {len(support)} classes, but this checkpoint tells apart 2 to "
+            raise FlagError(f"the support set has {counted(len(support), 'class', 'classes')}, but this checkpoint tells apart 2 to "
                             f"{self.n_way} (its head's outputs); give it 2 to {self.n_way} class folders "
                             f"({LAYOUTS_HELP}).")
         paths = [path for files in support.values() for path in files]

@@ -72,14 +72,14 @@ def folder_sampler(settings, ckpt, path, device, split):
         raise MissingError(f"the folder {settings.data} that {path} was trained on is not on this machine; pass "
                            f"--data where it is now.")
     folder = ImageFolder(settings.data, settings.cache_dir)
-    stored = ckpt.get('data')
-    try:
-        classes = folder.stored({split: stored['classes'][split]}, stored['layout'], path)[split] if stored else None
-        which = stored and f"the {len(classes)} {split} classes that {path} was trained with, in {folder.root}"
-    except MissingError:
-        if not settings.data_given:
-            raise
-        classes = None
+    stored, classes = ckpt.get('data'), None
+    if stored:
+        try:
+            classes = folder.stored({split: stored['classes'][split]}, stored['layout'], path)[split]
+            which = f"the {len(classes)} {split} classes that {path} was trained with, in {folder.root}"
+        except MissingError:
+            if not settings.data_given:   # the checkpoint's own folder: its classes must be there
+                raise
     if classes is None:
         classes, which = folder.evaluation_classes(split)
     usable = folder.usable({split: classes}, {split: (settings.n_way, settings.k_spt, settings.k_qry_test)})
@@ -130,7 +130,7 @@ def ensemble_accuracy(members, next_batch, n_tasks):
     return torch.cat(accs)[:n_tasks].cpu()
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('checkpoint', help='a .pth written by omniglot_train.py, miniimagenet_train.py or folder_train.py')
@@ -150,7 +150,11 @@ def main(argv=None):
     p.add_argument('--ensemble', type=int, default=1, help='average the top-K ranked checkpoints of the run')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     p.add_argument('--json', help='also write the result to this JSON file')
-    flags = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    flags = build_parser().parse_args(argv)
     if flags.tasks < 2:
         raise FlagError(f"--tasks {flags.tasks} gives no confidence interval; use at least 2 (the paper: 600).")
     device = available_device(flags.device)

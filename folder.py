@@ -56,10 +56,15 @@ def listing(items, shown=SHOWN):
     return ', '.join(map(str, items[:shown])) + more
 
 
+def counted(n, noun, nouns=None):
+    """'1 class', '3 classes'."""
+    return f"{n} {noun if n == 1 else nouns or noun + 's'}"
+
+
 def not_images_note(others, where):
     """The note on files that were left out because they are not images."""
-    return (f"note: {len(others)} file{'s' if len(others) > 1 else ''} {where} {'are' if len(others) > 1 else 'is'} "
-            f"not an image and left out (first: {listing(others)}).")
+    verb = 'is not an image and was' if len(others) == 1 else 'are not images and were'
+    return f"note: {counted(len(others), 'file')} {where} {verb} left out (first: {listing(others)})."
 
 
 def find_classes(folder):
@@ -198,12 +203,15 @@ class ImageFolder:
             small = [f'{name} ({len(files[name])})' for name in names if len(files[name]) < k_shot + k_query]
             kept[split] = [name for name in names if len(files[name]) >= k_shot + k_query]
             if len(kept[split]) < n_way:
-                raise FlagError(f"only {len(kept[split])} of the {len(names)} {split} classes of {self.root} have "
-                                f"the {k_shot + k_query} images a task takes from a class (k_spt + k_qry), fewer "
-                                f"than --n_way {n_way}: {listing(small)}; lower --k_spt or --k_qry, or add images.")
+                raise FlagError(f"only {len(kept[split])} of the {len(names)} {split} classes of {self.root} "
+                                f"{'has' if len(kept[split]) == 1 else 'have'} the {k_shot + k_query} images a task "
+                                f"takes from a class (k_spt + k_qry), fewer than --n_way {n_way} (too small: "
+                                f"{listing(small)}); lower --k_spt or --k_qry, or add images.")
             if small:
-                print(f"warning: {len(small)} {split} classes have fewer than the {k_shot + k_query} images a task "
-                      f"takes from a class (k_spt + k_qry) and are left out: {listing(small, 10)}.", flush=True)
+                print(f"warning: {counted(len(small), f'{split} class', f'{split} classes')} "
+                      f"{'has' if len(small) == 1 else 'have'} fewer than the {k_shot + k_query} images a task takes "
+                      f"from a class (k_spt + k_qry) and {'is' if len(small) == 1 else 'are'} left out: "
+                      f"{listing(small, 10)}.", flush=True)
         return kept
 
     def looks(self):
@@ -260,7 +268,8 @@ class ImageFolder:
             for f in stale:
                 os.remove(os.path.join(self.cache_dir, f))
             if stale:
-                print(f"note: {self.root} changed since its {part} cache was built, so it is decoded again.", flush=True)
+                print(f"note: the images of {self.root} changed since they were cached, so they are decoded again.",
+                      flush=True)
         return os.path.join(self.cache_dir, name)
 
     def record(self, splits, fmt, fractions, seed):

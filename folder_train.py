@@ -17,7 +17,6 @@ Checkpoints store the classes of each split, the decoding and the pixel statisti
 evaluate.py and classify.py see images exactly as training did; as in miniimagenet_train.py they
 are ranked on the validation classes and the selected one is reported once on the test classes.
 """
-import torch
 
 import distributed
 import miniimagenet_train
@@ -73,8 +72,8 @@ def choose_defaults(args, folder):
           f"{', '.join(f'--{k} {v}' for k, v in decided.items()) or 'all given'}", flush=True)
 
 
-def main():
-    args = parse_args(build_parser(), 'folder')
+def main(argv=None):
+    args = parse_args(build_parser(), 'folder', argv)
     saved = args.resume_ckpt and args.resume_ckpt.get('data')
     if args.data is None:
         raise MissingError(f"the folder {saved['root']} that {args.resume} was trained on is not on this machine; "
