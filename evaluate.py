@@ -68,11 +68,12 @@ def folder_sampler(settings, ckpt, path, device, split):
     """Tasks of a folder's classes, decoded to the checkpoint's channels, size and pixels: the
     classes the checkpoint stores for `split` (a folder run's, where --data, if given, holds them
     all), else the folder's own split (split/ or split.csv) or all its classes."""
-    if settings.data is None or not os.path.isdir(settings.data):
-        raise MissingError(f"the folder {settings.data} that {path} was trained on is not on this machine; pass "
-                           f"--data where it is now.")
-    folder = ImageFolder(settings.data, settings.cache_dir)
     stored, classes = ckpt.get('data'), None
+    root = settings.data if settings.data_given or not stored else stored['root']   # absolute, wherever this runs
+    if not os.path.isdir(root):
+        raise MissingError(f"the folder {root} that {path} was trained on is not on this machine; pass "
+                           f"--data where it is now.")
+    folder = ImageFolder(root, settings.cache_dir)
     if stored:
         try:
             classes = folder.stored({split: stored['classes'][split]}, stored['layout'], path)[split]

@@ -17,6 +17,7 @@ Checkpoints store the classes of each split, the decoding and the pixel statisti
 evaluate.py and classify.py see images exactly as training did; as in miniimagenet_train.py they
 are ranked on the validation classes and the selected one is reported once on the test classes.
 """
+import os
 
 import distributed
 import miniimagenet_train
@@ -56,9 +57,10 @@ def build_parser():
 
 def choose_defaults(args, folder):
     """Decide what the flags, the preset and the checkpoint left to the images (None, or channels
-    'auto'): the channels, and the settings of the data set the images resemble (presets.PROFILES)."""
+    'auto'): the channels, and the settings of the data set the images resemble (presets.PROFILES).
+    Returns a line saying what was found and decided (None when nothing was left)."""
     if args.channels != 'auto' and all(getattr(args, name) is not None for name in PROFILES['photos']):
-        return
+        return None
     looks = folder.looks()
     profile = 'drawings' if looks == 'drawings' else 'photos'
     if args.channels == 'auto':
@@ -66,15 +68,17 @@ def choose_defaults(args, folder):
     decided = {name: value for name, value in PROFILES[profile].items() if getattr(args, name) is None}
     vars(args).update(decided)
     check_args(args)
-    print(f"images: {'every one 1-bit (line drawings)' if profile == 'drawings' else 'every one grey' if looks == 'grey' else 'in colour'}, "
-          f"so {args.channels} channel{'s' if args.channels > 1 else ''} and "
-          f"{'Omniglot' if profile == 'drawings' else 'mini-ImageNet'}'s settings: "
-          f"{', '.join(f'--{k} {v}' for k, v in decided.items()) or 'all given'}", flush=True)
+    found = {'drawings': 'every one 1-bit (line drawings)', 'grey': 'every one grey', 'colour': 'in colour'}[looks]
+    return (f"images: {found}, so {args.channels} channel{'s' if args.channels > 1 else ''} and "
+            f"{'Omniglot' if profile == 'drawings' else 'mini-ImageNet'}'s settings: "
+            f"{', '.join(f'--{k} {v}' for k, v in decided.items()) or 'all given'}")
 
 
 def main(argv=None):
     args = parse_args(build_parser(), 'folder', argv)
     saved = args.resume_ckpt and args.resume_ckpt.get('data')
+    if args.data is None and saved and os.path.isdir(saved['root']):   # run from another folder than it was
+        args.data = saved['root']
     if args.data is None:
         raise MissingError(f"the folder {saved['root']} that {args.resume} was trained on is not on this machine; "
                            f"pass --data where it is now." if saved else
@@ -86,8 +90,10 @@ def main(argv=None):
         splits = folder.split(args.split_fractions, args.split_seed)
         how = (f"classes split {'/'.join(f'{f:g}' for f in args.split_fractions)} by --split_seed {args.split_seed}"
                if folder.layout == 'seeded' else f"splits from its {', '.join(folder.source(s) for s in splits)}")
-    choose_defaults(args, folder)
-    device = setup_device(args)
+    decided = choose_defaults(args, folder)
+    device = setup_device(args)   # now that the images decided --task_num; under torchrun, rank 0 alone prints from here
+    if decided:
+        print(decided, flush=True)
     usable = folder.usable(splits, miniimagenet_train.split_tasks(args))
     print('\n'.join(folder.describe(usable, how)), flush=True)
     fmt = ImageFormat(**saved['format']) if saved else ImageFormat(args.channels, args.imgsz, args.preprocess, None, None)
