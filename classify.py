@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from errors import DamagedError, FlagError, MissingError
-from folder import LAYOUTS_HELP, checkpoint_format, counted, find_classes, is_image, listing, not_images_note
+from folder import LAYOUTS_HELP, checkpoint_format, counted, find_classes, listing, not_images_note, walk
 from imagecache import UNREADABLE, normalize, undecodable
 from meta import Meta, load_checkpoint
 from presets import DEFAULTS
@@ -113,11 +113,9 @@ def query_paths(queries):
     paths, others = [], []
     for query in map(os.fspath, queries):
         if os.path.isdir(query):
-            for folder, dirs, files in os.walk(query, followlinks=True):
-                dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-                files = sorted(f for f in files if not f.startswith('.'))
-                paths += [os.path.join(folder, f) for f in files if is_image(f)]
-                others += [os.path.join(folder, f) for f in files if not is_image(f)]
+            for _, images, other in walk(query):
+                paths += images
+                others += other
         elif os.path.isfile(query):
             paths.append(query)
         else:

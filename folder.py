@@ -67,15 +67,22 @@ def not_images_note(others, where):
     return f"note: {counted(len(others), 'file')} {where} {verb} left out (first: {listing(others)})."
 
 
+def walk(folder):
+    """(path, image paths, other file paths) of `folder` and of every folder below it, in sorted
+    order at every level; hidden files and folders are skipped."""
+    for path, dirs, files in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+        files = sorted(f for f in files if not f.startswith('.'))
+        yield (path, [os.path.join(path, f) for f in files if is_image(f)],
+               [os.path.join(path, f) for f in files if not is_image(f)])
+
+
 def find_classes(folder):
     """{class name: [image paths]} of the folders under `folder` that hold images (names and files
     sorted, at every level) and the paths of the other files met."""
     classes, others = {}, []
-    for path, dirs, files in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-        files = sorted(f for f in files if not f.startswith('.'))
-        others += [os.path.join(path, f) for f in files if not is_image(f)]
-        images = [os.path.join(path, f) for f in files if is_image(f)]
+    for path, images, other in walk(folder):
+        others += other
         if images:
             if path == folder:
                 raise DamagedError(f"{folder} holds images directly (first: {os.path.basename(images[0])}); "
