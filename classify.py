@@ -50,7 +50,7 @@ class FewShotClassifier:
     def __init__(self, checkpoint, device='cpu', steps=None, batch_size=None):
         self.device = available_device(device)
         ckpt = load_checkpoint(checkpoint, map_location=self.device)
-        self.maml, self.format = Meta.from_state(ckpt), checkpoint_format(ckpt)
+        self.format, self.maml = checkpoint_format(ckpt), Meta.from_state(ckpt)
         self.scale, self.shift = self.format.normalizer(self.device)
         self.n_way = ckpt['config'][-1][1][0]
         args = {**DEFAULTS[ckpt['args']['dataset']], **ckpt['args']}

@@ -308,6 +308,10 @@ def checkpoint_format(ckpt):
     checkpoint stores (a folder run's 'data', else its data set's flags)."""
     if ckpt.get('data'):
         return ImageFormat(**ckpt['data']['format'])
+    if 'dataset' not in (ckpt.get('args') or {}):
+        raise FlagError("this checkpoint does not record the data set it was trained on (a training script of this "
+                        "version did not write it), so how its images were prepared is not known; use one that "
+                        "folder_train.py, omniglot_train.py or miniimagenet_train.py wrote.")
     args = {**DEFAULTS[ckpt['args']['dataset']], **ckpt['args']}
     if args['dataset'] == 'omniglot':
         return ImageFormat(1, args['imgsz'], omniglotNShot.RESAMPLING[args['preprocess']])

@@ -258,6 +258,10 @@ def test_classify_refuses_bad_input_in_one_sentence(tiny_run, tmp_path):
     broken.write_bytes(b'not a png')
     with pytest.raises(UserError, match=rf"cannot decode image {broken} \(cannot identify image file .*\); replace"):
         clf.classify([queries, broken])
+    from_a_notebook = tmp_path / 'notebook.pth'
+    torch.save(Meta(omniglot_train.network(5, 28, 8), imgc=1, imgsz=28).checkpoint(), from_a_notebook)
+    with pytest.raises(UserError, match=r"does not record the data set it was trained on .*; use one that folder_train"):
+        classify.FewShotClassifier(from_a_notebook)
 
 
 @pytest.mark.slow
