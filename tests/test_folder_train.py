@@ -134,6 +134,20 @@ def test_a_new_run_on_bad_data_is_one_line_and_writes_nothing(tmp_path):
     assert nothing.returncode == 1 and 'folder_train.py needs --data, the folder that holds your class folders' in nothing.stderr
 
 
+def test_resuming_a_run_whose_folder_is_not_on_this_machine_says_to_pass_data(tiny_run, tmp_path):
+    _, run, _ = tiny_run
+    moved = tmp_path / 'moved'
+    shutil.copytree(run, moved, ignore=shutil.ignore_patterns('.lock'))
+    ckpt = torch.load(moved / 'last.pth', weights_only=True)
+    ckpt['data']['root'] = ckpt['args']['data'] = str(tmp_path / 'elsewhere')
+    torch.save(ckpt, moved / 'last.pth')
+    before = snapshot(moved)
+    with pytest.raises(UserError, match=r"the folder .*elsewhere that .*last\.pth was trained on is not on this machine; "
+                                        r"pass --data where it is now"):
+        folder_train.main(['--resume', str(moved / 'last.pth'), '--epoch', '3'])
+    assert snapshot(moved) == before
+
+
 def test_evaluate_refuses_in_one_sentence_when_the_stored_test_classes_are_gone(tiny_run, tmp_path):
     root, run, _ = tiny_run
     moved = tmp_path / 'moved'
