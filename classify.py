@@ -80,11 +80,12 @@ class FewShotClassifier:
             if others:
                 print(not_images_note(others, 'of the support folder'), file=sys.stderr)
         if not 2 <= len(support) <= self.n_way:
-            raise FlagError(f"the support set has {counted(len(support), 'class', 'classes')}, but this checkpoint tells apart 2 to "
-                            f"{self.n_way} (its head's outputs); give it 2 to {self.n_way} class folders "
-                            f"({LAYOUTS_HELP}).")
+            raise FlagError(f"the support set has {counted(len(support), 'class', 'classes')}, but this checkpoint "
+                            f"tells apart 2 to {self.n_way} (its head's outputs); give it 2 to {self.n_way} class "
+                            f"folders ({LAYOUTS_HELP}).")
         paths = [path for files in support.values() for path in files]
-        labels = torch.tensor([label for label, files in enumerate(support.values()) for _ in files], device=self.device)
+        labels = torch.tensor([label for label, files in enumerate(support.values()) for _ in files],
+                              device=self.device)
         self.weights = self.maml.adapt(self.images(paths), labels, self.steps)
         self.classes = list(support)
         return self

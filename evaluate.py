@@ -12,9 +12,10 @@ checkpoint alone; flags change the evaluation protocol.
 With the default --seed the tasks are those of the training script's final report, so a run's
 best.pth gives the test_acc it stored. --data FOLDER evaluates any checkpoint on another data set
 (cross-domain, e.g. mini-ImageNet models on CUB): the classes of FOLDER's test/ or test.csv, else
-all its classes, converted to the checkpoint's channels, size and normalisation (folder.py). --ensemble K averages the query-set class probabilities of
-the K best ranked checkpoints (maml_step*_acc*.pth) in the checkpoint's folder, each fine-tuned on
-the support set, as MAML++ reports its results.
+all its classes, converted to the checkpoint's channels, size and normalisation (folder.py).
+--ensemble K averages the query-set class probabilities of the K best ranked checkpoints
+(maml_step*_acc*.pth) in the checkpoint's folder, each fine-tuned on the support set, as MAML++
+reports its results.
 """
 import argparse
 import json
@@ -101,7 +102,7 @@ def settings_of(ckpt, path, flags):
         if getattr(flags, name) is not None:
             setattr(settings, name, getattr(flags, name))
     settings.data_given = flags.data is not None
-    if flags.data is None and not os.path.exists(settings.data) and settings.dataset in DATA_ROOTS:   # trained on another machine
+    if flags.data is None and not os.path.exists(settings.data) and settings.dataset in DATA_ROOTS:   # another machine
         settings.data = DATA_ROOTS[settings.dataset]
     head = ckpt['config'][-1]
     if head[0] != 'linear' or settings.n_way > head[1][0]:

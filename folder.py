@@ -126,8 +126,11 @@ class ImageFolder:
             classes, self.others = find_classes(self.root)
             self.parts = {'all': classes}
         for part, classes in self.parts.items():
+            if not classes and self.layout == 'csv':
+                raise MissingError(f"{os.path.join(self.root, part)}.csv lists no images; add its rows "
+                                   f"(filename,label) or remove it.")
             if not classes:
-                where = self.root if part == 'all' else os.path.join(self.root, part + ('.csv' if self.layout == 'csv' else ''))
+                where = self.root if part == 'all' else os.path.join(self.root, part)
                 raise MissingError(f"{where} holds no class folders of images; put each class's images in a folder "
                                    f"of its own there ({LAYOUTS_HELP}).")
 
@@ -150,8 +153,8 @@ class ImageFolder:
                                 f"negative, for train, val and test (e.g. 64 16 20).")
             n_val, n_test = (round(len(names) * f / sum(fractions)) for f in fractions[1:])
             order = torch.randperm(len(names), generator=torch.Generator().manual_seed(seed)).tolist()
-            cuts = {'train': order[:len(names) - n_val - n_test], 'val': order[len(names) - n_val - n_test:len(names) - n_test],
-                    'test': order[len(names) - n_test:]}
+            n_train = len(names) - n_val - n_test
+            cuts = {'train': order[:n_train], 'val': order[n_train:n_train + n_val], 'test': order[n_train + n_val:]}
             return {s: [names[i] for i in sorted(positions)] for s, positions in cuts.items()}
         missing = [s for s in SPLITS if s not in self.parts]
         if missing:
@@ -191,7 +194,8 @@ class ImageFolder:
         if split not in self.parts:
             raise MissingError(f"{self.root} has no {self.source(split)}; evaluate on a folder with one, or on a "
                                f"folder of class folders to use all its classes.")
-        return list(self.parts[split]), f"the {len(self.parts[split])} classes of {os.path.join(self.root, self.source(split))}"
+        where = os.path.join(self.root, self.source(split))
+        return list(self.parts[split]), f"the {len(self.parts[split])} classes of {where}"
 
     def count(self, split, names):
         return sum(len(self.parts[self.part_of(split)][name]) for name in names)
@@ -204,8 +208,8 @@ class ImageFolder:
         for split, names in splits.items():
             n_way, k_shot, k_query = tasks[split]
             if len(names) < n_way:
-                raise FlagError(f"the {split} split of {self.root} has {len(names)} classes, fewer than --n_way "
-                                f"{n_way}; lower --n_way or add classes.")
+                raise FlagError(f"the {split} split of {self.root} has {counted(len(names), 'class', 'classes')}, "
+                                f"fewer than --n_way {n_way}; lower --n_way or add classes.")
             files = self.parts[self.part_of(split)]
             small = [f'{name} ({len(files[name])})' for name in names if len(files[name]) < k_shot + k_query]
             kept[split] = [name for name in names if len(files[name]) >= k_shot + k_query]
@@ -232,7 +236,7 @@ class ImageFolder:
                     if kind == 'colour':
                         return kind
                     kinds.add(kind)
-        return 'drawings' if kinds <= {'drawings', None} else 'grey'
+        return 'drawings' if 'drawings' in kinds and kinds <= {'drawings', None} else 'grey'
 
     def describe(self, splits, how):
         """Lines saying what was found: classes and images per split, and how they were split."""
@@ -248,7 +252,7 @@ class ImageFolder:
         """{split: TaskSampler} of the classes `splits` {split: [names]}, decoded to `fmt` and cached;
         fmt is returned with the mean and std of the train classes' pixels when it has none."""
         stores, parts = {}, {}
-        for part in {self.part_of(split) for split in splits}:
+        for part in dict.fromkeys(self.part_of(split) for split in splits):
             parts[part] = group_files(self.parts[part])
             images = cached_images(parts[part]['filenames'], self.cache_path(part, parts[part]['filenames'], fmt), fmt,
                                    what=f'folder {part}', fix=UNDECODABLE_HELP)
@@ -256,8 +260,8 @@ class ImageFolder:
         chosen = {split: select(parts[self.part_of(split)], names) for split, names in splits.items()}
         if fmt.mean is None:
             train = chosen['train']
-            fmt = fmt._replace(**dict(zip(('mean', 'std'), pixel_stats(stores[self.part_of('train')], train['index_table'],
-                                                                         train['counts']))))
+            mean, std = pixel_stats(stores[self.part_of('train')], train['index_table'], train['counts'])
+            fmt = fmt._replace(mean=mean, std=std)
         return {split: TaskSampler(stores[self.part_of(split)], chosen[split], fmt, device, seed, split, 'folder',
                                    f'the {split} classes of {self.root}', on_device=keep_on_device)
                 for split in splits}, fmt

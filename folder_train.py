@@ -51,7 +51,8 @@ def build_parser():
     parser.add_argument('--split_fractions', type=float, nargs=3, metavar=('TRAIN', 'VAL', 'TEST'),
                         help='shares of the classes for train, val and test, when the folder has no splits of its own')
     parser.add_argument('--split_seed', type=int, help='seed of that split of the classes')
-    parser.add_argument('--cache_dir', help='where the decoded images are cached (default: ~/.cache/maml-pytorch/folders)')
+    parser.add_argument('--cache_dir',
+                        help='where the decoded images are cached (default: ~/.cache/maml-pytorch/folders)')
     return parser
 
 
@@ -91,12 +92,13 @@ def main(argv=None):
         how = (f"classes split {'/'.join(f'{f:g}' for f in args.split_fractions)} by --split_seed {args.split_seed}"
                if folder.layout == 'seeded' else f"splits from its {', '.join(folder.source(s) for s in splits)}")
     decided = choose_defaults(args, folder)
-    device = setup_device(args)   # now that the images decided --task_num; under torchrun, rank 0 alone prints from here
+    device = setup_device(args)   # once the images decided --task_num; under torchrun rank 0 alone prints from here
     if decided:
         print(decided, flush=True)
     usable = folder.usable(splits, miniimagenet_train.split_tasks(args))
     print('\n'.join(folder.describe(usable, how)), flush=True)
-    fmt = ImageFormat(**saved['format']) if saved else ImageFormat(args.channels, args.imgsz, args.preprocess, None, None)
+    fmt = (ImageFormat(**saved['format']) if saved else
+           ImageFormat(args.channels, args.imgsz, args.preprocess, mean=None, std=None))   # from the train classes
     with distributed.in_turn():
         samplers, fmt = folder.samplers(usable, fmt, device, distributed.rank_seed(args.seed))
     print(f"images as {fmt.describe()}, normalised by the train classes' pixels: mean "

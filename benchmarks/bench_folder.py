@@ -120,8 +120,8 @@ def main():
         for i in range(args.steps):   # one step each, in turn, the order swapped every pair: a changing load hits both
             for name in sorted(loaders, reverse=i % 2 == 1):
                 times[name].append(step_time(loaders[name], maml, hp))
-        print(f"medians (fastest) of {args.steps} steps; {hp['task_num']} tasks of {hp['n_way']}-way {hp['k_spt']}-shot, "
-              f"{hp['k_qry']} queries, {hp['update_step']} inner steps:")
+        print(f"medians (fastest) of {args.steps} steps; {hp['task_num']} tasks of {hp['n_way']}-way "
+              f"{hp['k_spt']}-shot, {hp['k_qry']} queries, {hp['update_step']} inner steps:")
         for name, measured in times.items():
             wall, cpu, sampled = ([t[i] for t in measured] for i in range(3))
             ms = lambda values: f'{1e3 * statistics.median(values):.0f} ({1e3 * min(values):.0f})'

@@ -139,7 +139,8 @@ def decoded(monkeypatch):
 def test_a_changed_folder_is_decoded_again_and_its_stale_cache_removed(val_classes, tmp_path, monkeypatch, capsys):
     root = class_folders(tmp_path / 'data', {c: val_classes[c] for c in sorted(val_classes)[:3]})
     names = {'test': sorted(val_classes)[:3]}
-    build = lambda: ImageFolder(root, tmp_path / 'cache').samplers(names, RGB32._replace(mean=(0.5,), std=(0.25,)), 'cpu')[0]['test']
+    fmt = RGB32._replace(mean=(0.5,), std=(0.25,))
+    build = lambda: ImageFolder(root, tmp_path / 'cache').samplers(names, fmt, 'cpu')[0]['test']
     first = build()
     calls = decoded(monkeypatch)
     assert torch.equal(build().images, first.images) and not calls, 'an unchanged folder is not decoded again'
@@ -173,7 +174,8 @@ def test_unreadable_and_truncated_images_are_counted_and_named_and_leave_no_cach
     third.write_bytes(b'')
     folder = ImageFolder(root, tmp_path / 'cache')
     with pytest.raises(RuntimeError, match=rf"cannot decode 3 of the 18 images \(first: {first} \(.*\), {second} "
-                                           rf"\(Truncated File Read\), {third} \(cannot identify image file .*\)\); replace those files"):
+                                           rf"\(Truncated File Read\), {third} \(cannot identify image file .*\)\); "
+                                           rf"replace those files"):
         folder.samplers({'test': list(classes)}, RGB32._replace(mean=(0.5,), std=(0.25,)), 'cpu')
     assert not [p for p in (tmp_path / 'cache').rglob('*') if p.is_file()], 'no partial cache is left'
 
@@ -215,8 +217,9 @@ def test_bad_data_is_one_sentence(case, val_classes, tmp_path):
         error, match = RuntimeError, r"cats holds images and also a folder of images, cats/big; a class is one folder"
     elif case == 'class in two split folders':
         for s in SPLITS:
-            class_folders(root / s, {c: val_classes[c][:5] for c in names[:5]} if s != 'val' else {names[6]: val_classes[names[6]]})
-        error, match = RuntimeError, rf"class {names[0]} is in both train/ and test/ of .* \(5 such classes\); a class belongs to one split"
+            classes = {c: val_classes[c][:5] for c in names[:5]} if s != 'val' else {names[6]: val_classes[names[6]]}
+            class_folders(root / s, classes)
+        error, match = RuntimeError, rf"class {names[0]} is in both train/ and test/ of .* \(5 such classes\); a class belongs"
     elif case == 'class in two csvs':
         class_folders(root, {'images': val_classes[names[0]][:4] + val_classes[names[1]][:4]})
         write_csv(root, 'train', [(p.name, names[0]) for p in val_classes[names[0]][:4]])
@@ -227,11 +230,12 @@ def test_bad_data_is_one_sentence(case, val_classes, tmp_path):
         class_folders(root, {'images': val_classes[names[0]][:4]})
         write_csv(root, 'test', [(p.name, names[0]) for p in val_classes[names[0]][:6]])
         split = lambda f: f.evaluation_classes('test')
-        error, match = FileNotFoundError, r"2 of the images listed in .*test\.csv are missing from .*images \(first: .*\); add them to root/images/ or remove their rows"
+        error, match = FileNotFoundError, (r"2 of the images listed in .*test\.csv are missing from .*images \(first: .*\); "
+                                           r"add them to root/images/ or remove their rows")
     elif case == 'split folder missing':
         class_folders(root / 'train', {names[0]: val_classes[names[0]][:3]})
         class_folders(root / 'test', {names[1]: val_classes[names[1]][:3]})
-        error, match = FileNotFoundError, r"data has train/, test/ but no val/; add it, or put all class folders directly in the root"
+        error, match = FileNotFoundError, r"data has train/, test/ but no val/; add it, or put all class folders directly"
     elif case == 'too few classes':
         class_folders(root, {c: val_classes[c] for c in names[:12]})   # 8 / 2 / 2 classes
         tasks = {s: (3, 1, 5) for s in SPLITS}

@@ -94,12 +94,14 @@ def damage(root, case):
     if case == 'classes gone':
         for name in classes[:2]:
             shutil.rmtree(root / name)
-        return r"of the \d+ (train|val|test) classes that .*last\.pth was trained with are not in .*copy \(first: .*\); pass --data the folder it was trained on"
+        return (r"of the \d+ (train|val|test) classes that .*last\.pth was trained with are not in .*copy \(first: .*\); "
+                r"pass --data the folder it was trained on")
     if case == 'class too small':
         for name in classes:
             for image in sorted(os.listdir(root / name))[3:]:
                 os.remove(root / name / image)
-        return r"only 0 of the 5 train classes of .*copy have the 4 images a task takes from a class \(k_spt \+ k_qry\), fewer than --n_way 5"
+        return (r"only 0 of the 5 train classes of .*copy have the 4 images a task takes from a class "
+                r"\(k_spt \+ k_qry\), fewer than --n_way 5")
     bad = [root / name / sorted(os.listdir(root / name))[0] for name in classes[:4]]
     for path in bad[:2]:
         path.write_bytes(path.read_bytes()[:500])
@@ -155,7 +157,7 @@ def test_evaluate_refuses_in_one_sentence_when_the_stored_test_classes_are_gone(
     ckpt = torch.load(moved / 'best.pth', weights_only=True)
     ckpt['data']['root'] = ckpt['args']['data'] = str(tmp_path / 'elsewhere')
     torch.save(ckpt, moved / 'best.pth')
-    with pytest.raises(UserError, match=r"the folder .*elsewhere that .*best\.pth was trained on is not on this machine; pass --data"):
+    with pytest.raises(UserError, match=r"the folder .*elsewhere that .*best\.pth was trained on is not on this machine"):
         evaluate.main([str(moved / 'best.pth'), '--tasks', '4', '--device', 'cpu'])
     gone = copy_of(root, tmp_path)
     shutil.rmtree(gone / ckpt['data']['classes']['test'][0])
