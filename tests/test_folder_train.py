@@ -136,34 +136,34 @@ def test_a_new_run_on_bad_data_is_one_line_and_writes_nothing(tmp_path):
     assert nothing.returncode == 1 and 'folder_train.py needs --data, the folder that holds your class folders' in nothing.stderr
 
 
-def test_resuming_a_run_whose_folder_is_not_on_this_machine_says_to_pass_data(tiny_run, tmp_path):
-    _, run, _ = tiny_run
+def moved_run(run, tmp_path, name):
+    """A copy of a run folder whose checkpoint `name` says it was trained on tmp_path/elsewhere (absent)."""
     moved = tmp_path / 'moved'
     shutil.copytree(run, moved, ignore=shutil.ignore_patterns('.lock'))
-    ckpt = torch.load(moved / 'last.pth', weights_only=True)
+    ckpt = torch.load(moved / name, weights_only=True)
     ckpt['data']['root'] = ckpt['args']['data'] = str(tmp_path / 'elsewhere')
-    torch.save(ckpt, moved / 'last.pth')
-    before = snapshot(moved)
+    torch.save(ckpt, moved / name)
+    return moved / name, ckpt
+
+
+def test_resuming_a_run_whose_folder_is_not_on_this_machine_says_to_pass_data(tiny_run, tmp_path):
+    last, _ = moved_run(tiny_run[1], tmp_path, 'last.pth')
+    before = snapshot(last.parent)
     with pytest.raises(UserError, match=r"the folder .*elsewhere that .*last\.pth was trained on is not on this machine; "
                                         r"pass --data where it is now"):
-        folder_train.main(['--resume', str(moved / 'last.pth'), '--epoch', '3'])
-    assert snapshot(moved) == before
+        folder_train.main(['--resume', str(last), '--epoch', '3'])
+    assert snapshot(last.parent) == before
 
 
 def test_evaluate_refuses_in_one_sentence_when_the_stored_test_classes_are_gone(tiny_run, tmp_path):
-    root, run, _ = tiny_run
-    moved = tmp_path / 'moved'
-    shutil.copytree(run, moved, ignore=shutil.ignore_patterns('.lock'))
-    ckpt = torch.load(moved / 'best.pth', weights_only=True)
-    ckpt['data']['root'] = ckpt['args']['data'] = str(tmp_path / 'elsewhere')
-    torch.save(ckpt, moved / 'best.pth')
+    best, ckpt = moved_run(tiny_run[1], tmp_path, 'best.pth')
     with pytest.raises(UserError, match=r"the folder .*elsewhere that .*best\.pth was trained on is not on this machine"):
-        evaluate.main([str(moved / 'best.pth'), '--tasks', '4', '--device', 'cpu'])
-    gone = copy_of(root, tmp_path)
+        evaluate.main([str(best), '--tasks', '4', '--device', 'cpu'])
+    gone = copy_of(tiny_run[0], tmp_path)
     shutil.rmtree(gone / ckpt['data']['classes']['test'][0])
     os.rename(gone, tmp_path / 'elsewhere')
     with pytest.raises(UserError, match=r"1 of the 5 test classes that .*best\.pth was trained with are not in .*elsewhere"):
-        evaluate.main([str(moved / 'best.pth'), '--tasks', '4', '--device', 'cpu'])
+        evaluate.main([str(best), '--tasks', '4', '--device', 'cpu'])
 
 
 def omniglot_checkpoint(path):
