@@ -7,11 +7,15 @@ checkpoint alone; flags change the evaluation protocol.
     python evaluate.py checkpoints/best.pth --tasks 2000 --update_step_test 10 --json result.json
     python evaluate.py checkpoints/best.pth --k_spt 5 --k_qry_test 5 # another shot count, same model
     python evaluate.py checkpoints/best.pth --ensemble 5             # top-5 checkpoints of its run (MAML++)
+    python evaluate.py checkpoints/best.pth --data ~/cub             # another data set's classes
 
 With the default --seed the tasks are those of the training script's final report, so a run's
-best.pth gives the test_acc it stored. --ensemble K averages the query-set class probabilities of
-the K best ranked checkpoints (maml_step*_acc*.pth) in the checkpoint's folder, each fine-tuned on
-the support set, as MAML++ reports its results.
+best.pth gives the test_acc it stored. --data FOLDER evaluates any checkpoint on another data set
+(cross-domain, e.g. mini-ImageNet models on CUB): the classes of FOLDER's test/ or test.csv, else
+all its classes, converted to the checkpoint's channels, size and normalisation (folder.py).
+--ensemble K averages the query-set class probabilities of the K best ranked checkpoints
+(maml_step*_acc*.pth) in the checkpoint's folder, each fine-tuned on the support set, as MAML++
+reports its results.
 """
 import argparse
 import json
@@ -23,9 +27,11 @@ import torch
 import miniimagenet_train
 import omniglot_train
 from checkpoints import RANKED
-from errors import FlagError
+from errors import FlagError, MissingError
+from folder import ImageFolder, checkpoint_format
 from meta import Meta, load_checkpoint
 from MiniImagenet import MiniImagenetCache
+from omniglotNShot import holds_omniglot
 from presets import DEFAULTS
 from trainer import available_device, device_name, evaluate, format_accs, mean_ci, run_main, tune
 
@@ -33,19 +39,55 @@ DATA_ROOTS = {'omniglot': omniglot_train.DATA_ROOT, 'miniimagenet': miniimagenet
 EVAL_BATCH = miniimagenet_train.EVAL_BATCH   # the same batches as the script's report: the same tasks
 
 
-def task_sampler(settings, device, split):
-    """next_batch() over a fixed, seeded sequence of `split` tasks of the checkpoint's data set."""
+def task_sampler(settings, ckpt, path, device, split):
+    """next_batch() over a fixed, seeded sequence of `split` tasks, and a phrase saying whose:
+    the checkpoint's data set, or a folder of images (folder.py) when it was trained on one or
+    --data names one that its own data set's loader does not read."""
     n_way, k_spt, k_qry = settings.n_way, settings.k_spt, settings.k_qry_test
+    if settings.dataset == 'folder' or settings.data_given and not own_data(settings.dataset, settings.data, split):
+        return folder_sampler(settings, ckpt, path, device, split)
     if settings.dataset == 'omniglot':
         # the training script draws its evaluation tasks task_num at a time: the same draw gives the same tasks
         # the training-time k_qry plays no part here: only the evaluation's counts are checked
         db = omniglot_train.make_loader(argparse.Namespace(**{**vars(settings), 'k_qry': k_qry}), device)
         db.reset(split, settings.seed)
-        return lambda: db.next(split, k_query=k_qry)
+        return (lambda: db.next(split, k_query=k_qry)), f'the Omniglot {split} characters in {settings.data}'
     cache = MiniImagenetCache(settings.data, split, resize=settings.imgsz, device=device,
                               pixel_norm=settings.pixel_norm)
     cache.reset(settings.seed)
-    return lambda: cache.sample(EVAL_BATCH, n_way, k_spt, k_qry)
+    return (lambda: cache.sample(EVAL_BATCH, n_way, k_spt, k_qry)), f'the mini-ImageNet {split}.csv of {settings.data}'
+
+
+def own_data(dataset, root, split):
+    """Whether root holds the data set `dataset` in the layout its loader reads."""
+    if dataset == 'omniglot':
+        return holds_omniglot(root)
+    return os.path.isdir(os.path.join(root, 'images')) and os.path.isfile(os.path.join(root, f'{split}.csv'))
+
+
+def folder_sampler(settings, ckpt, path, device, split):
+    """Tasks of a folder's classes, decoded to the checkpoint's channels, size and pixels: the
+    classes the checkpoint stores for `split` (a folder run's, where --data, if given, holds them
+    all), else the folder's own split (split/ or split.csv) or all its classes."""
+    stored, classes = ckpt.get('data'), None
+    root = settings.data if settings.data_given or not stored else stored['root']   # absolute, wherever this runs
+    if not os.path.isdir(root):
+        raise MissingError(f"the folder {root} that {path} was trained on is not on this machine; pass "
+                           f"--data where it is now.")
+    folder = ImageFolder(root, settings.cache_dir)
+    if stored:
+        try:
+            classes = folder.stored({split: stored['classes'][split]}, stored['layout'], path)[split]
+            which = f"the {len(classes)} {split} classes that {path} was trained with, in {folder.root}"
+        except MissingError:
+            if not settings.data_given:   # the checkpoint's own folder: its classes must be there
+                raise
+    if classes is None:
+        classes, which = folder.evaluation_classes(split)
+    usable = folder.usable({split: classes}, {split: (settings.n_way, settings.k_spt, settings.k_qry_test)})
+    samplers, _ = folder.samplers(usable, checkpoint_format(ckpt), device)
+    samplers[split].reset(settings.seed)
+    return (lambda: samplers[split].sample(EVAL_BATCH, settings.n_way, settings.k_spt, settings.k_qry_test)), which
 
 
 def settings_of(ckpt, path, flags):
@@ -54,12 +96,13 @@ def settings_of(ckpt, path, flags):
     if not saved or 'dataset' not in saved:
         raise FlagError(f"{path} does not record the data set and flags it was trained with (it was not "
                         f"written by a training script of this version); evaluate it from a notebook instead.")
-    settings = argparse.Namespace(**{**DEFAULTS[saved['dataset']], **saved})
+    settings = argparse.Namespace(**{'cache_dir': None, **DEFAULTS[saved['dataset']], **saved})
     settings.k_qry_test = settings.k_qry_test or settings.k_qry
-    for name in ('data', 'n_way', 'k_spt', 'k_qry_test', 'update_step_test', 'seed'):
+    for name in ('data', 'n_way', 'k_spt', 'k_qry_test', 'update_step_test', 'seed', 'cache_dir'):
         if getattr(flags, name) is not None:
             setattr(settings, name, getattr(flags, name))
-    if flags.data is None and not os.path.exists(settings.data):   # trained on another machine
+    settings.data_given = flags.data is not None
+    if flags.data is None and not os.path.exists(settings.data) and settings.dataset in DATA_ROOTS:   # another machine
         settings.data = DATA_ROOTS[settings.dataset]
     head = ckpt['config'][-1]
     if head[0] != 'linear' or settings.n_way > head[1][0]:
@@ -89,11 +132,15 @@ def ensemble_accuracy(members, next_batch, n_tasks):
     return torch.cat(accs)[:n_tasks].cpu()
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('checkpoint', help='a .pth written by omniglot_train.py or miniimagenet_train.py')
-    p.add_argument('--data', help="data root (default: the checkpoint's, else the training script's DATA_ROOT)")
+    p.add_argument('checkpoint', help='a .pth written by omniglot_train.py, miniimagenet_train.py or folder_train.py')
+    p.add_argument('--data', help="data root (default: the checkpoint's, else the training script's DATA_ROOT); "
+                                  "a folder of images that is not the checkpoint's data set: its test/ or test.csv "
+                                  "classes, else all its classes, converted to the checkpoint's images")
+    p.add_argument('--cache_dir', help="where a folder's decoded images are cached (default: the checkpoint's, "
+                                       "else ~/.cache/maml-pytorch/folders)")
     p.add_argument('--split', default='test', choices=['test', 'val'], help='split to evaluate on')
     p.add_argument('--tasks', type=int, default=600, help='tasks to average over')
     p.add_argument('--n_way', type=int, help="classes per task (default: the checkpoint's; at most its head's)")
@@ -105,7 +152,11 @@ def main(argv=None):
     p.add_argument('--ensemble', type=int, default=1, help='average the top-K ranked checkpoints of the run')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     p.add_argument('--json', help='also write the result to this JSON file')
-    flags = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    flags = build_parser().parse_args(argv)
     if flags.tasks < 2:
         raise FlagError(f"--tasks {flags.tasks} gives no confidence interval; use at least 2 (the paper: 600).")
     device = available_device(flags.device)
@@ -114,10 +165,10 @@ def main(argv=None):
     settings = settings_of(ckpt, flags.checkpoint, flags)
     maml = Meta.from_state(ckpt)
     maml.update_step_test = settings.update_step_test
-    next_batch = task_sampler(settings, device, flags.split)
+    next_batch, which = task_sampler(settings, ckpt, flags.checkpoint, device, flags.split)
     shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query images per class'
     print(f'{flags.checkpoint}: {settings.dataset} {shape}, {flags.tasks} {flags.split} tasks, seed {settings.seed}, '
-          f'{device_name(device)}, torch {torch.__version__}')
+          f'{device_name(device)}, torch {torch.__version__}\ndata: {which}, as {checkpoint_format(ckpt).describe()}')
     if flags.ensemble > 1:
         members = [Meta.from_checkpoint(path, map_location=device) for path in ensemble_members(flags.checkpoint,
                                                                                                 flags.ensemble)]
@@ -131,7 +182,8 @@ def main(argv=None):
     print(f'{flags.split} acc {100 * mean[-1]:.2f} +- {100 * half[-1]:.2f}% after {settings.update_step_test} '
           f'steps  ({what})')
     if flags.json:
-        result = dict(checkpoint=flags.checkpoint, dataset=settings.dataset, split=flags.split, tasks=flags.tasks,
+        result = dict(checkpoint=flags.checkpoint, dataset=settings.dataset, data=settings.data, classes=which,
+                      split=flags.split, tasks=flags.tasks,
                       n_way=settings.n_way, k_spt=settings.k_spt, k_qry_test=settings.k_qry_test,
                       update_step_test=settings.update_step_test, seed=settings.seed, ensemble=flags.ensemble,
                       preset=getattr(settings, 'preset', None), checkpoint_step=ckpt.get('step'),

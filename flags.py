@@ -25,8 +25,8 @@ from presets import DEFAULTS, PRESETS
 # own (MACHINE): they keep this machine's defaults, so a GPU run resumes on a CPU-only one, and a
 # budget of lent time given to one part of a run does not end the next part.
 OPERATIONAL = {'epoch', 'time_budget', 'log_every', 'eval_every', 'device', 'data', 'save_dir', 'resume',
-               'compile', 'amp', 'test_tasks', 'keep'}
-MACHINE = {'device', 'compile', 'amp', 'resume', 'save_dir', 'time_budget'}
+               'compile', 'amp', 'test_tasks', 'keep', 'cache_dir'}
+MACHINE = {'device', 'compile', 'amp', 'resume', 'save_dir', 'time_budget', 'cache_dir'}
 MIN_IMGSZ = 16   # both networks halve the image four times
 
 
@@ -139,9 +139,11 @@ def parse_args(parser, dataset, argv=None):
 
 
 def check_args(args):
+    """Refuse impossible values. None is a value folder_train.py decides from the images (presets.FOLDER);
+    it checks them again once it has."""
     for name in ('epoch', 'n_way', 'k_spt', 'k_qry', 'task_num', 'update_step', 'update_step_test',
                  'num_filters', 'log_every', 'eval_every', 'eval_tasks', 'test_tasks', 'keep'):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise FlagError(f"--{name} is {getattr(args, name)} but must be at least 1.")
     if args.time_budget is not None and not args.time_budget > 0:
         raise FlagError(f"--time_budget is {args.time_budget} minutes but must be positive.")
@@ -149,11 +151,11 @@ def check_args(args):
         raise FlagError(f"--k_qry_test is {args.k_qry_test} but must be at least 1.")
     if args.n_way < 2:
         raise FlagError("--n_way must be at least 2: a task needs two classes to tell apart.")
-    if args.imgsz < MIN_IMGSZ:
+    if args.imgsz is not None and args.imgsz < MIN_IMGSZ:
         raise FlagError(f"--imgsz {args.imgsz} is too small: the network halves the image four times, "
                         f"so use at least {MIN_IMGSZ}.")
     for name in ('meta_lr', 'update_lr'):
-        if not getattr(args, name) > 0:
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise FlagError(f"--{name} is {getattr(args, name)} but must be positive.")
     if args.grad_clip < 0:
         raise FlagError(f"--grad_clip is {args.grad_clip}; use 0 (off) or a positive norm.")

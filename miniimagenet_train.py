@@ -27,11 +27,11 @@ EVAL_SEED = 12345   # the validation tasks of every evaluation, so that checkpoi
 EVAL_BATCH = 8      # tasks fine-tuned at once when evaluating (no meta-gradient, so more fit)
 
 
-def network(n_way, imgsz, filters=32):
+def network(n_way, imgsz, filters=32, channels=3):
     """The paper's MiniImagenet net: 4 x [conv 3x3 pad 1, batch norm, ReLU, max-pool 2], then linear."""
     config, side = [], imgsz
     for i in range(4):
-        config += [('conv2d', [filters, 3 if i == 0 else filters, 3, 3, 1, 1]), ('bn', [filters]),
+        config += [('conv2d', [filters, channels if i == 0 else filters, 3, 3, 1, 1]), ('bn', [filters]),
                    ('relu', []), ('max_pool2d', [2, 2, 0])]
         side //= 2
     return config + [('flatten', []), ('linear', [n_way, filters * side * side])]
@@ -57,20 +57,31 @@ def main():
     args = parse_args(build_parser(), 'miniimagenet')
     device = setup_device(args)
 
-    k_eval = args.k_qry_test or args.k_qry
-    check_splits(args.data, {'train': (args.n_way, args.k_spt, args.k_qry), 'val': (args.n_way, args.k_spt, k_eval),
-                             'test': (args.n_way, args.k_spt, k_eval)})
+    check_splits(args.data, split_tasks(args))
     with distributed.in_turn():
         splits = {mode: MiniImagenetCache(args.data, mode, resize=args.imgsz, device=device,
                                           seed=distributed.rank_seed(args.seed),
                                           pixel_norm=args.pixel_norm) for mode in ('train', 'val', 'test')}
     maml = Meta(args, network(args.n_way, args.imgsz, args.num_filters), imgc=3).to(device)
-    print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
+    meta_train(maml, splits, args, device)
 
+
+def split_tasks(args):
+    """The task shape (n_way, k_shot, k_query) that each split must give."""
+    k_eval = args.k_qry_test or args.k_qry
+    return {'train': (args.n_way, args.k_spt, args.k_qry), 'val': (args.n_way, args.k_spt, k_eval),
+            'test': (args.n_way, args.k_spt, k_eval)}
+
+
+def meta_train(maml, splits, args, device, data=None):
+    """Meta-train on splits['train'], rank the checkpoints on splits['val'], report the selected one
+    on splits['test'] (TaskSamplers: mini-ImageNet's, or a folder's, with `data` to store)."""
+    print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
+    k_eval = args.k_qry_test or args.k_qry
     train, shard = splits['train'], distributed.local_tasks(args.task_num)   # this rank's tasks per step
     run = fit(maml, train, lambda: train.sample(shard, args.n_way, args.k_spt, args.k_qry),
               lambda: evaluation_tasks(splits['val'], args.eval_tasks, args.n_way, args.k_spt, k_eval, maml),
-              args, split='val')
+              args, split='val', data=data)
     report_test(run, lambda best: evaluation_tasks(splits['test'], args.test_tasks, args.n_way, args.k_spt,
                                                    k_eval, best), args.test_tasks, device)
 

@@ -47,11 +47,11 @@ import zlib
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets.utils import download_url
 from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError
+from imagecache import UNREADABLE, ImageFormat
 from episodes import draw_group_tasks, draw_tasks, group_table, set_generator_state, to_device
 from scratch import remove_orphans
 
@@ -62,6 +62,7 @@ DRAWINGS = 20            # every Omniglot character is drawn by 20 people
 N_TRAIN_CLASSES = 1200   # the paper's meta-training split; the other 423 characters are for test
 SPLIT_SEED = 0           # fixed so that every run and every checkpoint sees the same test characters
 PREPROCESSING = ('official', 'greyscale')
+RESAMPLING = {'official': 'binary', 'greyscale': 'lanczos'}   # imagecache.ImageFormat's names of the two
 SPLITS = ('random', 'lake')
 ROTATIONS = (None, 'classes', 'per_task')
 SCRATCH_PREFIX = '.extracting-'   # + '<pid>-<part>': an extraction under way, or killed midway
@@ -83,6 +84,14 @@ def fetch_archives(root, download=True, base_url=BASE_URL, md5=ARCHIVE_MD5):
             _download(base_url + part + '.zip', root, archive, md5[part])
         folders.append(_extract(archive, root, part))
     return folders
+
+
+def holds_omniglot(root):
+    """Whether root holds Omniglot in a form this loader reads (see the top), rather than being a
+    folder of images of some other kind."""
+    entries = os.listdir(root) if os.path.isdir(root) else []
+    return any(name in entries for name in ('processed', *ARCHIVE_MD5, *(part + '.zip' for part in ARCHIVE_MD5))) or \
+        any(name.startswith('omniglot_') and name.endswith('.pt') for name in entries)
 
 
 def _extract(archive, root, part):
@@ -180,11 +189,8 @@ def load_images(root, imgsz, preprocess='official', download=True):
 
 def _read_png(path, imgsz, preprocess):
     try:
-        with Image.open(path) as img:
-            if preprocess == 'official':   # no convert first: PIL keeps a 1-bit image binary
-                return 255 - np.asarray(img.resize((imgsz, imgsz), Image.LANCZOS).convert('L'), dtype=np.uint8)
-            return np.asarray(img.convert('L').resize((imgsz, imgsz), Image.LANCZOS), dtype=np.uint8)
-    except OSError:
+        return ImageFormat(1, imgsz, RESAMPLING[preprocess]).decode(path)[0]
+    except UNREADABLE:
         raise DamagedError(f"Cannot read {path}; the file is damaged, so delete the extracted "
                            f"folders and run again to extract the archives anew.") from None
 

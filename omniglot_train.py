@@ -29,11 +29,11 @@ DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'om
 EVAL_SEED = 12345   # the evaluation tasks of every evaluation, so that checkpoints compare on equal terms
 
 
-def network(n_way, imgsz, filters=64):
+def network(n_way, imgsz, filters=64, channels=1):
     """The paper's Omniglot net: 4 x [conv 3x3 stride 2, batch norm, ReLU], then a linear layer."""
     config, side = [], imgsz
     for i in range(4):
-        config += [('conv2d', [filters, 1 if i == 0 else filters, 3, 3, 2, 1]), ('bn', [filters]), ('relu', [])]
+        config += [('conv2d', [filters, channels if i == 0 else filters, 3, 3, 2, 1]), ('bn', [filters]), ('relu', [])]
         side = (side + 1) // 2
     return config + [('flatten', []), ('linear', [n_way, filters * side * side])]
 

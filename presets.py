@@ -5,6 +5,7 @@ seed's) and the paper's experiments as the official code ran them (cbfinn/maml R
 
     python omniglot_train.py --preset paper-5w1s         # Table 1, Omniglot 5-way 1-shot
     python miniimagenet_train.py --preset paper-5w5s --meta_lr 5e-4   # explicit flags still win
+    python folder_train.py --data ~/my_images --preset paper-5w1s   # mini-ImageNet's, on your images
 
 The official code's loss is the cross-entropy summed over a task's examples and divided by the
 shot count K, i.e. n_way times the mean cross-entropy used here, so its inner learning rate
@@ -56,4 +57,19 @@ PRESETS = {
                        num_filters=48),
     },
 }
-DEFAULTS = {'omniglot': OMNIGLOT, 'miniimagenet': MINIIMAGENET}
+# folder_train.py (your own images): a preset is mini-ImageNet's, but for the image size and pixels,
+# which come from the images
+PRESETS['folder'] = {name: {k: v for k, v in preset.items() if k not in ('imgsz', 'pixel_norm')}
+                     for name, preset in PRESETS['miniimagenet'].items()}
+
+# Its defaults are those of the data set the images resemble (PROFILES): of mini-ImageNet for
+# photographs, of Omniglot for line drawings (every image 1-bit). The flags the two share are
+# set here; None is decided from the images.
+PROFILE_FLAGS = ('epoch', 'imgsz', 'task_num', 'update_lr', 'num_filters', 'log_every')
+PROFILES = {'photos': dict({k: MINIIMAGENET[k] for k in PROFILE_FLAGS}, network='miniimagenet'),
+            'drawings': dict({k: OMNIGLOT[k] for k in PROFILE_FLAGS}, network='omniglot')}
+FOLDER = dict({k: v for k, v in MINIIMAGENET.items() if k in OMNIGLOT and OMNIGLOT[k] == v},
+              **dict.fromkeys(PROFILE_FLAGS), network=None, channels='auto', preprocess='bilinear',
+              split_fractions=[64, 16, 20], split_seed=0)
+
+DEFAULTS = {'omniglot': OMNIGLOT, 'miniimagenet': MINIIMAGENET, 'folder': FOLDER}

@@ -163,9 +163,10 @@ def check_loss(loss, step, n_way):
                        f"are untouched).")
 
 
-def fit(maml, sampler, next_train_batch, validate, args, split='val'):
+def fit(maml, sampler, next_train_batch, validate, args, split='val', data=None):
     """Meta-train for --epoch steps. `validate()` returns accs [tasks, steps+1] on `split`, which
-    ranks the checkpoints. Returns the RunDir (still locked)."""
+    ranks the checkpoints; `data`, when given, is stored in every checkpoint (what evaluation needs
+    to find and decode the images again, folder.ImageFolder.record). Returns the RunDir (still locked)."""
     device = next(maml.parameters()).device
     run, start, elapsed = open_run(args, sampler)
     if args.resume_ckpt is not None:
@@ -209,7 +210,7 @@ def fit(maml, sampler, next_train_batch, validate, args, split='val'):
                               f'({time.perf_counter() - t:.1f} s)  by step: {format_accs(mean)}')
                 wall = elapsed + time.perf_counter() - run_start
                 ckpt = maml.checkpoint(step=step, acc=acc, ci=ci, split=split, args=plain_dict(args), elapsed_s=wall,
-                                       **distributed.sampler_states(sampler))
+                                       **({'data': data} if data else {}), **distributed.sampler_states(sampler))
                 row = {'step': step, 'train_acc': train_acc, f'{split}_acc': acc, f'{split}_ci': ci,
                        'ms_per_step': ms_per_step, 'elapsed_s': round(wall, 1)}
                 distributed.on_main(lambda: record(run, ckpt, row))
@@ -283,8 +284,13 @@ def report_test(run, test_accs, n_tasks, device):
                  'test_by_step': [float(m) for m in mean]}, best_path)
 
 
+PLAIN = (int, float, str, bool, type(None))
+
+
 def plain_dict(args):
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None)))}
+    """The flags a checkpoint stores: those whose values are plain, or lists of plain values."""
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in vars(args).items()
+            if isinstance(v, PLAIN) or isinstance(v, (list, tuple)) and all(isinstance(x, PLAIN) for x in v)}
 
 
 def run_main(main):

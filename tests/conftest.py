@@ -59,3 +59,23 @@ def unpacked_split(source, mode):
         finally:
             shutil.rmtree(unpacking, ignore_errors=True)
     return root
+
+
+def miniimagenet_classes(mode, n_classes, per_class):
+    """{label: [image paths]}: the first n_classes classes (by label) of a mini-ImageNet split with
+    their first per_class images, in the archive unpacked by unpacked_split."""
+    full = unpacked_split(shared_miniimagenet(), mode)
+    by_class = {}
+    for row in (full / f'{mode}.csv').read_text().splitlines()[1:]:
+        name, label = row.split(',')
+        by_class.setdefault(label, []).append(full / 'images' / name)
+    return {label: by_class[label][:per_class] for label in sorted(by_class)[:n_classes]}
+
+
+def class_folders(root, classes):
+    """root/<class>/<image>, linked to the images of classes {class: [paths]}; returns root."""
+    for label, paths in classes.items():
+        (Path(root) / label).mkdir(parents=True)
+        for path in paths:
+            os.symlink(path, Path(root) / label / Path(path).name)
+    return Path(root)

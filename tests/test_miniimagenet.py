@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+import imagecache
 import MiniImagenet as mi
 from conftest import shared_miniimagenet, unpacked_split
 from MiniImagenet import MiniImagenet, MiniImagenetCache, check_splits
@@ -187,11 +188,11 @@ def test_cache_is_built_once_then_memory_mapped(root, monkeypatch):
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]   # no tmp file left behind
     expected = cache.sample(2, 5, 1, 3)
 
-    def no_decoding(path, resize):
+    def no_decoding(fmt, path):
         raise AssertionError('the cache was decoded again')
     mmap_modes = []
     real_load = np.load
-    monkeypatch.setattr(mi, 'load_image', no_decoding)
+    monkeypatch.setattr(imagecache.ImageFormat, 'decode', no_decoding)
     monkeypatch.setattr(mi.np, 'load', lambda *a, **kw: mmap_modes.append(kw.get('mmap_mode')) or real_load(*a, **kw))
     reloaded = MiniImagenetCache(str(root), 'train', seed=1)
     assert mmap_modes == ['r']
@@ -201,8 +202,8 @@ def test_cache_is_built_once_then_memory_mapped(root, monkeypatch):
 def counting_decoder(monkeypatch):
     """A list that records each decoded path; with num_workers=1 the decoding stays in this process."""
     calls = []
-    real = mi.load_image
-    monkeypatch.setattr(mi, 'load_image', lambda path, resize: calls.append(path) or real(path, resize))
+    real = imagecache.ImageFormat.decode
+    monkeypatch.setattr(imagecache.ImageFormat, 'decode', lambda fmt, path: calls.append(path) or real(fmt, path))
     return calls
 
 
@@ -416,6 +417,6 @@ def test_real_val_split_builds_reloads_and_samples_its_own_classes(val_subset, m
             ours = mi.normalize(torch.from_numpy(mi.load_image(path, resize)), scale, shift)
             torch.testing.assert_close(ours, seed_transform(resize)(path), rtol=0, atol=1e-5)
 
-    monkeypatch.setattr(mi, 'load_image', lambda path, resize: pytest.fail('decoded again'))
+    monkeypatch.setattr(imagecache.ImageFormat, 'decode', lambda fmt, path: pytest.fail('decoded again'))
     reloaded = MiniImagenetCache(str(root), 'val', seed=9)
     assert all(torch.equal(a, b) for a, b in zip(batch, reloaded.sample(2, 5, 1, 15)))

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, shared_miniimagenet, unpacked_split
+from conftest import REPO, miniimagenet_classes
 
 CLASSES = {'train': 16, 'val': 5, 'test': 5}
 PER_CLASS = 120
@@ -21,19 +21,14 @@ QUICK = ['--epoch', '300', '--imgsz', '42', '--num_filters', '16', '--update_ste
 def subset_root(tmp_path):
     """A data root in the real layout holding the first CLASSES[mode] classes of each split with
     PER_CLASS images each, linked from the archives unpacked by conftest.unpacked_split."""
-    source = shared_miniimagenet()
     (tmp_path / 'images').mkdir(parents=True)
     for mode, n_classes in CLASSES.items():
-        full = unpacked_split(source, mode)
-        header, *rows = (full / f'{mode}.csv').read_text().splitlines()
-        by_class = {}
-        for row in rows:
-            by_class.setdefault(row.split(',')[1], []).append(row)
-        chosen = [row for label in sorted(by_class)[:n_classes] for row in by_class[label][:PER_CLASS]]
-        for row in chosen:
-            name = row.split(',')[0]
-            os.symlink(full / 'images' / name, tmp_path / 'images' / name)
-        (tmp_path / f'{mode}.csv').write_text('\n'.join([header] + chosen) + '\n')
+        rows = []
+        for label, paths in miniimagenet_classes(mode, n_classes, PER_CLASS).items():
+            for path in paths:
+                os.symlink(path, tmp_path / 'images' / path.name)
+                rows.append(f'{path.name},{label}')
+        (tmp_path / f'{mode}.csv').write_text('\n'.join(['filename,label'] + rows) + '\n')
     return tmp_path
 
 

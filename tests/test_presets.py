@@ -2,6 +2,7 @@
 import pytest
 
 from presets import PRESETS
+import folder_train
 import miniimagenet_train
 import omniglot_train
 from flags import parse_args
@@ -46,7 +47,8 @@ def test_paper_presets_are_the_official_commands(dataset, preset):
         assert ours['pixel_norm'] == 'unit', 'the official code only divides by 255'
 
 
-@pytest.mark.parametrize('dataset, script', [('omniglot', omniglot_train), ('miniimagenet', miniimagenet_train)])
+@pytest.mark.parametrize('dataset, script', [('omniglot', omniglot_train), ('miniimagenet', miniimagenet_train),
+                                             ('folder', folder_train)])
 def test_every_preset_parses_and_passes_the_flag_checks(dataset, script):
     parser = script.build_parser()
     for name, preset in PRESETS[dataset].items():
