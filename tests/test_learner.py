@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from learner import Learner, batch_norm, conv2d_matmul
+from learner import Learner, batch_norm, conv2d_matmul, max_pool2d
 from test_meta import make_meta, make_tasks, meta_grad
 
 EVERY_LAYER = [
@@ -96,3 +96,22 @@ def test_fused_batch_norm_is_the_primitive_one_to_first_order_under_vmap():
         results.append((out, *torch.autograd.grad((out * probe).sum(), (x, w, b))))
     for primitive, fused in zip(*results):
         torch.testing.assert_close(fused, primitive, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('size', [(8, 8), (7, 9)])
+def test_forward_only_max_pool_gives_the_kernels_values_under_vmap(size):
+    """The pairwise maximum that evaluation's forward-only passes take is torch's pool, bit for bit,
+    NaN and an odd last row or column included."""
+    x = torch.randn(3, 4, 5, *size, generator=torch.Generator().manual_seed(4))
+    x[0, 0, 0, 0, :2] = 1.5   # a tie
+    x[1, 2, 3, 2, 2] = float('nan')
+    with torch.no_grad():
+        pooled = torch.vmap(lambda x: max_pool2d(x, 2, 2, 0))(x)
+    torch.testing.assert_close(pooled, F.max_pool2d(x.flatten(0, 1), 2).view_as(pooled), rtol=0, atol=0,
+                               equal_nan=True)
+    side = size[0]
+    net = Learner([('max_pool2d', [2, 2, 0]), ('flatten', []), ('linear', [3, 5 * (side // 2) ** 2])], imgc=5, imgsz=side)
+    images = x[2, ..., :side, :side]
+    with torch.no_grad():
+        forward_only = net(images)
+    assert torch.equal(forward_only, net(images).detach()), 'a differentiated pass takes the kernel, to the same logits'
