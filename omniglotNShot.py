@@ -47,7 +47,6 @@ import zlib
 
 import numpy as np
 import torch
-from torchvision.datasets.utils import download_url
 from tqdm import tqdm
 
 from errors import DamagedError, FlagError, MissingError
@@ -133,6 +132,7 @@ def _scratch_pid(name):
 def _download(url, root, archive, md5):
     """Download to a temporary name, check the MD5, then rename: a cut or corrupt download never
     takes the archive's place."""
+    from torchvision.datasets.utils import download_url   # here: importing torchvision costs every start 1.8 s
     partial = f'{os.path.basename(archive)}.{os.getpid()}.part'   # concurrent first runs download apart
     try:
         download_url(url, root, filename=partial, md5=md5)

@@ -15,8 +15,7 @@ from flags import parse_args
 from meta import Meta
 from omniglot_train import build_parser, make_loader
 
-# A small but honest configuration that learns in about a minute on 2 CPU cores: the paper's
-# second-order MAML with a narrower net, one inner step and a larger meta learning rate.
+# The seed's defaults made small, for runs of a few steps
 QUICK = ['--epoch', '300', '--num_filters', '32', '--task_num', '8', '--update_step', '1',
          '--update_step_test', '3', '--meta_lr', '3e-3', '--log_every', '50', '--eval_every', '150',
          '--eval_tasks', '200', '--test_tasks', '200', '--device', 'cpu']
@@ -36,25 +35,33 @@ def metrics(save_dir):
         return list(csv.DictReader(f))
 
 
+# The official 5-way 1-shot protocol (1 + 1 images per class, one inner step at update_lr 2.0, binary
+# inverted images, a rotation per class and task), narrowed and sped up to learn in under a minute.
+PAPER_QUICK = ['--preset', 'paper-5w1s', '--epoch', '400', '--task_num', '8', '--num_filters', '32', '--meta_lr', '1e-2',
+               '--log_every', '50', '--eval_every', '200', '--eval_tasks', '300', '--test_tasks', '300', '--device', 'cpu']
+
+
 @pytest.mark.slow
-def test_training_learns_selects_on_validation_and_evaluate_py_reproduces_its_report(omniglot_root, tmp_path):
+def test_a_paper_preset_run_learns_selects_on_validation_and_evaluate_py_reproduces_its_report(omniglot_root, tmp_path):
     save_dir = str(tmp_path / 'ckpt')
-    run = train('--data', omniglot_root, '--save_dir', save_dir, *QUICK)
+    run = train('--data', omniglot_root, '--save_dir', save_dir, *PAPER_QUICK)
     assert run.returncode == 0, run.stderr
     rows = metrics(save_dir)
-    assert [int(r['step']) for r in rows] == [150, 300] and 'val_acc' in rows[0]
+    assert [int(r['step']) for r in rows] == [200, 400] and 'val_acc' in rows[0]
     final = float(rows[-1]['val_acc'])
-    print(f"\nOmniglot quick run: val acc {final:.4f} +- {float(rows[-1]['val_ci']):.4f} over 200 tasks")
-    assert final >= 0.70, f'5-way 1-shot accuracy {final:.3f} after 300 steps; chance is 0.20'
+    print(f"\nOmniglot paper-5w1s quick run: val acc {final:.4f} +- {float(rows[-1]['val_ci']):.4f} over 300 tasks")
+    assert final >= 0.60, f'5-way 1-shot accuracy {final:.3f} after 400 steps; chance is 0.20'
     assert run.stdout.count('test acc') == 1, 'the test characters are used once, for the selected model'
     best = torch.load(os.path.join(save_dir, 'best.pth'), weights_only=True)
     assert best['acc'] == max(float(r['val_acc']) for r in rows) and best['hparams']['first_order'] is False
-    assert best['test_acc'] >= 0.65 and best['test_by_step'][0] < 0.3, 'adaptation, not the initialisation, works'
+    assert best['args']['k_qry'] == 1 and best['args']['rotate'] == 'per_task'
+    assert best['test_acc'] - best['test_ci'] > 0.45 and best['test_by_step'][0] < 0.3, \
+        'adaptation, not the initialisation, works'
     assert os.path.getsize(os.path.join(save_dir, 'learning_curve.png')) > 0
 
     result = tmp_path / 'result.json'
     evaluated = script('evaluate.py', os.path.join(save_dir, 'best.pth'), '--data', omniglot_root,
-                       '--tasks', '200', '--json', str(result), '--device', 'cpu')
+                       '--tasks', '300', '--json', str(result), '--device', 'cpu')
     assert evaluated.returncode == 0, evaluated.stderr
     report = json.loads(result.read_text())
     assert report['acc_by_step'][-1] == pytest.approx(best['test_acc'], abs=1e-9), \
@@ -71,24 +78,10 @@ def test_training_learns_selects_on_validation_and_evaluate_py_reproduces_its_re
     assert ensemble.returncode == 0, ensemble.stderr
     assert 0.5 < json.loads(result.read_text())['acc_by_step'][-1] <= 1
 
-    resumed = train('--data', omniglot_root, '--save_dir', save_dir, '--epoch', '310', '--eval_every', '10',
+    resumed = train('--data', omniglot_root, '--save_dir', save_dir, '--epoch', '410', '--eval_every', '10',
                     '--device', 'cpu', '--resume', os.path.join(save_dir, 'last.pth'))
     assert resumed.returncode == 0, resumed.stderr
-    assert 'resumed from' in resumed.stdout and [int(r['step']) for r in metrics(save_dir)] == [150, 300, 310]
-
-
-@pytest.mark.slow
-def test_a_short_paper_preset_run_learns(omniglot_root, tmp_path):
-    """The official 5-way 1-shot protocol (1 + 1 images per class, one inner step at update_lr 2.0,
-    binary inverted images, a rotation per class and task), narrowed and sped up to fit a test."""
-    run = train('--preset', 'paper-5w1s', '--data', omniglot_root, '--save_dir', str(tmp_path), '--epoch', '400',
-                '--task_num', '8', '--num_filters', '32', '--meta_lr', '1e-2', '--log_every', '50', '--eval_every', '200',
-                '--eval_tasks', '300', '--test_tasks', '300', '--device', 'cpu')
-    assert run.returncode == 0, run.stderr
-    best = torch.load(tmp_path / 'best.pth', weights_only=True)
-    print(f"\npaper-5w1s preset, 400 steps: test acc {best['test_acc']:.4f} +- {best['test_ci']:.4f}")
-    assert best['args']['k_qry'] == 1 and best['args']['rotate'] == 'per_task'
-    assert best['test_acc'] - best['test_ci'] > 0.45, 'well above 5-way chance after 400 steps'
+    assert 'resumed from' in resumed.stdout and [int(r['step']) for r in metrics(save_dir)] == [200, 400, 410]
 
 
 def test_ranking_on_test_characters_is_said_plainly(omniglot_root, tmp_path):
