@@ -46,6 +46,7 @@ counts its element-wise passes (roofline.py).
 import argparse
 import csv
 import json
+import math
 import os
 import resource
 import statistics
@@ -380,11 +381,17 @@ def main():
             print(f'{name:45} {rate:8.1f} episodes/s')
 
 
+def ratio(value):
+    """A speed-up column: '-' where it is not known yet (rows print as they are timed) or its
+    baseline failed (the seed at update_step 1)."""
+    return f'{value:7.2f}x' if value is not None and not math.isnan(value) else f"{'-':>8}"
+
+
 def format_row(row, rate=None):
     if 'error' in row:
         return f"{row['workload']:20} {row['impl']:13} failed: {row['error']}"
     text = (f"{row['workload']:20} {row['impl']:13} {row['ms_per_step']:9.2f} {row['images_per_s']:8d} "
-            f"{row['peak_mem_mb']:8d} {row.get('speedup', float('nan')):7.2f}x {row.get('vs_seed', float('nan')):7.2f}x")
+            f"{row['peak_mem_mb']:8d} {ratio(row.get('speedup'))} {ratio(row.get('vs_seed'))}")
     if rate is not None:
         text += (f"  {row['gflop_per_step']:.1f} GFLOP, floor {1e3 * row['gflop_per_step'] * 1e9 / rate:.2f} ms, "
                  f"{100 * row['share_of_peak']:.1f}% of peak")
