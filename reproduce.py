@@ -8,16 +8,17 @@ Run the paper's experiments (presets.py) to their end, one part at a time, and c
 
 A run lives in runs/<dataset>-<preset>/. A part starts the run (or resumes it from its last.pth;
 on a machine without that folder, from the results/<name>-last.pth this repository ships),
-trains until --minutes have passed (the training script's --time_budget: checked every --log_every
-steps; data preparation and the final evaluations come on top), and ends as the training script ends: best.pth evaluated once on the test split. Then
-`evaluate.py` scores best.pth again, over the same test tasks, into results/<name>-test.json, and
-the run's metrics.csv and learning curve are copied to results/, with the checkpoints anyone can
-check the figure with: results/<name>.pth (best.pth, its test figure stored in it) and, while the
-run has not reached its --epoch, results/<name>-last.pth (so that the run outlives its machine). A run that has reached its
---epoch only gets evaluated; `-- --epoch N` extends it. --export DIR copies the run folder and its
-results, in this repository's layout, to DIR: what a lent machine must send back for a later part
-to continue elsewhere (copy them into the repository). Flags after `--` go to the training script
-(`--data` also to evaluate.py).
+trains until --minutes have passed (the training script's --time_budget: checked every
+--log_every steps; data preparation and the final evaluations come on top), and ends as the
+training script ends: best.pth evaluated once on the test split. Then `evaluate.py` scores
+best.pth again, over the same test tasks, into results/<name>-test.json, and the run's
+metrics.csv and learning curve are copied to results/, with the checkpoints anyone can check the
+figure with: results/<name>.pth (best.pth, its test figure stored in it) and, while the run has
+not reached its --epoch, results/<name>-last.pth (so that the run outlives its machine). A run
+that has reached its --epoch only gets evaluated; `-- --epoch N` extends it. --export DIR copies
+the run folder and its results, in this repository's layout, to DIR: what a lent machine must send
+back for a later part to continue elsewhere (copy them into the repository). Flags after `--` go
+to the training script (`--data` also to evaluate.py).
 """
 import argparse
 import json
@@ -235,10 +236,13 @@ def status(runs, results):
     return '\n'.join(lines)
 
 
+def split_at_dashes(argv):
+    """(this script's flags, the training script's flags): argv before and after its first '--'."""
+    return (argv[:argv.index('--')], argv[argv.index('--') + 1:]) if '--' in argv else (argv, [])
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    extra = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
+    argv, extra = split_at_dashes(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('experiment', nargs='?', help="dataset/preset (e.g. omniglot/paper-20w1s) or 'next'; "

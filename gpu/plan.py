@@ -317,9 +317,7 @@ class Plan:
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    train_flags = argv[argv.index('--') + 1:] if '--' in argv else []
-    argv = argv[:argv.index('--')] if '--' in argv else argv
+    argv, train_flags = reproduce.split_at_dashes(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--out', required=True, help='folder of what it measured ($OUT on a lent machine)')
