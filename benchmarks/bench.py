@@ -40,8 +40,10 @@ compute cost the same as on the real images, which need not be on the machine).
 The floor: FLOPs of one meta-step of the row's own algorithm (counted op by op on its per-task
 form: the seed's first-order loop on its own network, the reference's loop, Meta with the row's
 family options) over the device's measured matmul rate (fp32; TF32 on CUDA, as training uses).
---profile also sets the step's op-by-op memory traffic against the measured copy bandwidth and
-counts its element-wise passes (roofline.py).
+--profile also sets the step's op-by-op memory traffic against the measured copy bandwidth, counts
+its element-wise passes, and replays its convolutions one by one at their shapes and layouts: the
+share of the matmul rate that a step could reach if every other op were free, the ceiling that
+torch's convolution kernels set (roofline.py).
 """
 import argparse
 import csv
@@ -65,7 +67,7 @@ from MiniImagenet import MiniImagenetCache, read_split
 from omniglotNShot import OmniglotNShot, load_images
 from presets import DEFAULTS, PRESETS
 from reference import reference_step, seed_forward, seed_network, seed_step
-from roofline import ByteCount, FlopCount, PassCount, copy_bandwidth, matmul_rate, sync
+from roofline import ByteCount, ConvolutionReplay, FlopCount, PassCount, copy_bandwidth, matmul_rate, sync
 from trainer import available_device, device_name, run_main, tune
 
 def workload_settings(dataset, preset=None):
@@ -199,6 +201,17 @@ def count_passes(workload, order, impl, device, omniglot_root):
     return passes
 
 
+def replay_convolutions(workload, order, impl, device, omniglot_root):
+    """(FLOPs, seconds, timings) of one meta-step's convolutions run one by one (roofline.ConvolutionReplay)."""
+    maml, next_batch = build(workload, order, impl.replace('+compile', '').replace('+graphs', ''), device,
+                             omniglot_root)
+    batch = next_batch()
+    with ConvolutionReplay() as convs:
+        meta_step(maml, lambda: batch)
+    flops, seconds = convs.replay(device)
+    return flops, seconds, convs.timings
+
+
 def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, trace=None):
     """Where one meta-step's time goes: torch.profiler over `steps` steps after warm-up (and any
     compilation or CUDA-graph capture). Prints the ops (CUDA: kernels) by self time, the share of
@@ -223,6 +236,7 @@ def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, t
     busy_ms = sum(map(self_us, events)) / 1e3 / steps
     flops, traffic = count_flops(workload, order, impl, omniglot_root), count_bytes(workload, order, impl, device, omniglot_root)
     passes = count_passes(workload, order, impl, device, omniglot_root)
+    conv_flops, conv_seconds, conv_timings = replay_convolutions(workload, order, impl, device, omniglot_root)
     rate, bandwidth = matmul_rate(device), copy_bandwidth(device)
     print(f'{workload}-{order} {impl} on {device_name(device)}, torch {torch.__version__}: {wall_ms:.2f} ms/step; '
           f'{"kernels" if cuda else "ops"} busy {busy_ms:.2f} ms/step ({100 * busy_ms / wall_ms:.0f}% of the wall time)')
@@ -232,11 +246,20 @@ def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, t
           f'GB/s, {100 * bandwidth_share:.0f}% of the measured copy bandwidth ({bandwidth / 1e9:.1f} GB/s)')
     print(f'element-wise passes per step: {passes.pointwise} pointwise ops and {passes.copies} copies over '
           f'{passes.elementwise_bytes / 1e9:.2f} GB; most: ' + ', '.join(f'{n} {name}' for name, n in passes.most_common(6)))
+    ceiling = flops / conv_seconds / rate
+    print(f'convolutions: {conv_flops / 1e9:.2f} of the {flops / 1e9:.2f} GFLOP; replayed one by one at the step\'s shapes '
+          f'and layouts they take {1e3 * conv_seconds:.1f} ms, {100 * conv_flops / conv_seconds / rate:.0f}% of the '
+          f'matmul rate: with every other op free the step would reach {100 * ceiling:.0f}% of it, the ceiling of '
+          f'these kernels; the slowest:')
+    for seconds, calls, flops_per_call, what in conv_timings[:top // 2]:
+        print(f'{1e3 * seconds:9.3f} ms/step {calls:6d} calls/step  {flops_per_call / seconds * calls / 1e9:6.1f} GFLOP/s  {what}')
+    print('ops by self time:')
     for e in events[:top]:
         print(f'{self_us(e) / 1e3 / steps:9.3f} ms/step {e.count // steps:6d} calls/step  {e.key[:90]}')
     return dict(wall_ms=wall_ms, busy_ms=busy_ms, calls_per_step=sum(e.count for e in events) / steps,
                 gflop=flops / 1e9, gbytes=traffic / 1e9, flop_share=flop_share, bandwidth_share=bandwidth_share,
-                pointwise=passes.pointwise, copies=passes.copies)
+                pointwise=passes.pointwise, copies=passes.copies, conv_gflop=conv_flops / 1e9,
+                conv_ms=1e3 * conv_seconds, ceiling=ceiling)
 
 
 def loader_rates(mini_root, device, quick):

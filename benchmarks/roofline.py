@@ -6,8 +6,12 @@ measured matmul rate and copy bandwidth (bench.py's floor column and its --profi
         step()
     flops.flops / matmul_rate(device), traffic.bytes / copy_bandwidth(device)   # seconds, at best
     passes.pointwise, passes.copies   # element-wise passes over memory, the work FLOPs do not show
+    with ConvolutionReplay() as convs:
+        step()
+    flops, seconds = convs.replay(device)   # the step's convolutions alone: what its kernels can do
 """
 import collections
+import math
 import statistics
 import time
 
@@ -104,6 +108,74 @@ class PassCount(TorchDispatchMode, collections.Counter):
         self.copies += copy
         self[name.replace('aten::', '')] += 1
         return out
+
+
+CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default}
+
+
+class ConvolutionReplay(TorchDispatchMode):
+    """Records every convolution and convolution gradient run under it (under vmap: the grouped
+    convolutions it makes), by shapes, strides and settings, with their FLOPs. `replay` runs each
+    alone on fresh inputs of the same layout and returns (FLOPs, seconds) of them all: the time
+    a step would take if every other op were free, its convolutions' caches as warm as repetition
+    makes them, so the most of the matmul rate that torch's convolution kernels allow a step."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+        self.flops_per_call = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in CONVOLUTIONS:
+            layout = lambda a: (('tensor', tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)
+                                else tuple(a) if isinstance(a, list) else a)
+            signature = (func, tuple(map(layout, args)))
+            self.calls[signature] += 1
+            self.flops_per_call[signature] = convolution_flops(func, args, out)
+        return out
+
+    def replay(self, device, repeats=5):
+        """(FLOPs, seconds) of all recorded calls; `self.timings` keeps each kind of call's
+        (seconds for all its calls, calls, FLOPs per call, description), slowest first."""
+        self.timings = []
+        for (func, layouts), count in self.calls.items():
+            args = [_random_strided(*a[1:], device) if isinstance(a, tuple) and a[:1] == ('tensor',)
+                    else list(a) if isinstance(a, tuple) else a for a in layouts]
+            seconds = _median_seconds(lambda: func(*args), device, repeats + 1)
+            self.timings.append((count * seconds, count, self.flops_per_call[func, layouts], describe(func, layouts)))
+        self.timings.sort(reverse=True)
+        return sum(n * f for _, n, f, _ in self.timings), sum(t for t, *_ in self.timings)
+
+
+def describe(func, layouts):
+    """'convolution [5, 32, 28, 28] * [2048, 1, 3, 3], groups 32' and the like, from a recorded call."""
+    shapes = [list(a[1]) for a in layouts if isinstance(a, tuple) and a[:1] == ('tensor',)]
+    if func == torch.ops.aten.convolution.default:
+        kind = 'transposed convolution' if layouts[6] else 'convolution'
+        return f'{kind} {shapes[0]} * {shapes[1]}, groups {layouts[8]}'
+    wanted = ' and '.join(name for name, on in zip(('input', 'weight'), layouts[10]) if on)
+    return f'{wanted} gradient of {shapes[1]} * {shapes[2]}, groups {layouts[9]}'
+
+
+def _random_strided(shape, stride, dtype, device):
+    """A random tensor of this layout, a broadcast (stride-0) dimension included."""
+    storage = 1 + sum((size - 1) * step for size, step in zip(shape, stride) if size)
+    return torch.randn(storage, dtype=dtype, device=device).as_strided(shape, stride)
+
+
+def convolution_flops(func, args, out):
+    """FLOPs of one convolution or convolution_backward call, groups counted right (torch's
+    counter takes a grouped weight gradient for a dense one): each element on the output side
+    of the forward form costs 2 x (input channels per group) x kernel size, and a backward call
+    computes one such convolution for each gradient it returns (input, weight)."""
+    if func == torch.ops.aten.convolution.default:
+        x, weight, transposed = args[0], args[1], args[6]
+        outputs, gradients = (x if transposed else out).numel(), 1
+    else:
+        grad_out, x, weight, transposed, mask = args[0], args[1], args[2], args[7], args[10]
+        outputs, gradients = (x if transposed else grad_out).numel(), mask[0] + mask[1]
+    return 2 * outputs * weight.shape[1] * math.prod(weight.shape[2:]) * gradients
 
 
 def matmul_rate(device):

@@ -12,7 +12,7 @@ import bench
 from learner import Learner
 from reference import per_task_meta_loss, reference_step, seed_forward, seed_network, seed_step
 from conftest import REPO
-from roofline import ByteCount, FlopCount, PassCount
+from roofline import ByteCount, ConvolutionReplay, FlopCount, PassCount
 from test_meta import make_meta, make_tasks
 
 
@@ -73,6 +73,10 @@ def test_profile_names_where_a_step_goes(omniglot_root, capsys):
     assert 'GFLOP/step' in out and result['gflop'] > 1 and result['gbytes'] > 0.1
     assert 0 < result['flop_share'] < 2 and result['bandwidth_share'] > 0, 'shares of measured ceilings, not raw units'
     assert 'element-wise passes per step' in out and result['pointwise'] > 50 and result['copies'] > 0
+    # the replayed convolutions are vmap's grouped ones, counted on their own: all of the FLOPs that the
+    # per-task count finds but the final linear layer's
+    assert 0.99 * result['gflop'] < result['conv_gflop'] <= result['gflop'] and result['conv_ms'] > 0
+    assert 'the ceiling of these kernels' in out and 0 < result['ceiling'] < 2
 
 
 def test_each_row_counts_its_own_algorithms_flops(omniglot_root, monkeypatch):
@@ -118,3 +122,21 @@ def test_byte_counter_counts_what_ops_read_and_write_and_not_views():
         torch.mul(a, b, out=c)            # reads a and b, writes c (an out= argument is not read)
         torch._foreach_mul_([a, b], 2.0)  # reads and writes a and b
     assert traffic.bytes == 12000 + 0 + 8000 + 12000 + 8000 + 12000 + 16000
+
+
+@pytest.mark.parametrize('groups', [1, 4])
+def test_convolution_replay_counts_and_times_the_convolutions_of_a_step(groups):
+    x = torch.randn(3, 8, 10, 10, requires_grad=True)
+    w = torch.randn(8, 8 // groups, 3, 3, requires_grad=True)
+    with ConvolutionReplay() as convs:
+        for _ in range(2):
+            F.conv2d(x, w, stride=2, padding=1, groups=groups).sum().backward()
+        torch.relu(x).sum()                                           # not a convolution
+    forward = 2 * (3 * 8 * 5 * 5) * (8 // groups) * 9
+    assert sorted(convs.calls.values()) == [2, 2], 'a forward and a backward call, each twice'
+    flops, seconds = convs.replay(torch.device('cpu'), repeats=2)
+    assert flops == 2 * (forward + 2 * forward), 'each gradient (input, weight) costs one forward'
+    assert seconds > 0
+    with FlopCount() as counted:
+        F.conv2d(x, w, stride=2, padding=1, groups=groups)
+    assert counted.flops == forward, "the forward count agrees with torch's counter"
