@@ -68,7 +68,9 @@ def test_seed_step_is_the_first_order_gradient_of_the_last_task_alone():
 def test_profile_names_where_a_step_goes(omniglot_root, capsys):
     result = bench.profile_row('omniglot-paper', 'so', 'meta', torch.device('cpu'), omniglot_root, steps=1, top=5)
     out = capsys.readouterr().out
-    assert 'aten::convolution_backward' in out and out.count(' calls/step ') == 5
+    convolutions, ops = out.split('ops by self time:')
+    assert 'aten::convolution_backward' in ops and ops.count(' calls/step ') == 5
+    assert convolutions.count(' calls/step ') == 2 and 'GFLOP/s  ' in convolutions, 'the slowest convolutions, rated'
     assert 0 < result['busy_ms'] <= 1.1 * result['wall_ms'] and result['calls_per_step'] > 100
     assert 'GFLOP/step' in out and result['gflop'] > 1 and result['gbytes'] > 0.1
     assert 0 < result['flop_share'] < 2 and result['bandwidth_share'] > 0, 'shares of measured ceilings, not raw units'
