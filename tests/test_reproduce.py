@@ -60,18 +60,19 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     for f in folder.iterdir():   # the machine is gone: the next part starts from what results/ ships
         f.unlink()
     folder.rmdir()
-    assert 'omniglot/paper-5w1s' in part(tmp_path).stdout.split('6 of 8')[0], 'the table reads the shipped run'
+    table = lambda: reproduce.status(str(tmp_path / 'runs'), str(tmp_path / 'results'))   # what the bare command prints
+    assert 'omniglot/paper-5w1s' in table().split('6 of 8')[0], 'the table reads the shipped run'
     third = part(tmp_path, 'omniglot/paper-5w1s', extra=['--data', omniglot_root])
     assert third.returncode == 0, third.stderr
     assert 'rebuilt from' in third.stdout and 'resumed from' in third.stdout and 'at step 6' in third.stdout
     assert not (results / 'omniglot-paper-5w1s-last.pth').exists(), 'at its end the in-progress copy goes'
     assert torch.load(folder / 'last.pth', weights_only=True)['step'] == 8, 'without a budget, to the end'
     assert reproduce.next_unfinished(str(tmp_path / 'runs')) == 'omniglot/paper-5w5s'
-    table = part(tmp_path).stdout
-    assert '8 of 8' in table and 'no checkpoint' in table and '98.7 +- 0.4%' in table and 'stale' not in table
+    finished = table()
+    assert '8 of 8' in finished and 'no checkpoint' in finished and '98.7 +- 0.4%' in finished and 'stale' not in finished
     report_path = tmp_path / 'results' / 'omniglot-paper-5w1s-test.json'
     report_path.write_text(json.dumps({**json.loads(report_path.read_text()), 'checkpoint_step': 2 * 10 ** 6}))
-    assert 'stale: --collect' in part(tmp_path).stdout, 'a report of another best.pth says so'
+    assert 'stale: --collect' in table(), 'a report of another best.pth says so'
 
 
 def test_the_training_scripts_flags_are_read_as_argparse_reads_them():
