@@ -180,36 +180,15 @@ def count_flops(workload, order, impl, omniglot_root):
     return counter.flops
 
 
-def count_bytes(workload, order, impl, device, omniglot_root):
-    """Bytes that one meta-step of `impl` reads and writes op by op (roofline.ByteCount) on `device`;
-    a compiled row counts its uncompiled step, so fused kernels move less than this."""
+def one_step_under(mode, workload, order, impl, device, omniglot_root):
+    """`mode` (a roofline dispatch mode) after one meta-step of `impl` on `device` run under it,
+    uncompiled: a compiled row is measured on its eager step, so fused kernels do less than this."""
     maml, next_batch = build(workload, order, impl.replace('+compile', '').replace('+graphs', ''), device,
                              omniglot_root)
     batch = next_batch()
-    with ByteCount() as traffic:
+    with mode:
         meta_step(maml, lambda: batch)
-    return traffic.bytes
-
-
-def count_passes(workload, order, impl, device, omniglot_root):
-    """The element-wise passes (roofline.PassCount) of one meta-step of `impl` on `device`, uncompiled."""
-    maml, next_batch = build(workload, order, impl.replace('+compile', '').replace('+graphs', ''), device,
-                             omniglot_root)
-    batch = next_batch()
-    with PassCount() as passes:
-        meta_step(maml, lambda: batch)
-    return passes
-
-
-def replay_convolutions(workload, order, impl, device, omniglot_root):
-    """(FLOPs, seconds, timings) of one meta-step's convolutions run one by one (roofline.ConvolutionReplay)."""
-    maml, next_batch = build(workload, order, impl.replace('+compile', '').replace('+graphs', ''), device,
-                             omniglot_root)
-    batch = next_batch()
-    with ConvolutionReplay() as convs:
-        meta_step(maml, lambda: batch)
-    flops, seconds = convs.replay(device)
-    return flops, seconds, convs.timings
+    return mode
 
 
 def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, trace=None):
@@ -234,9 +213,10 @@ def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, t
     self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     events = sorted(prof.key_averages(), key=self_us, reverse=True)
     busy_ms = sum(map(self_us, events)) / 1e3 / steps
-    flops, traffic = count_flops(workload, order, impl, omniglot_root), count_bytes(workload, order, impl, device, omniglot_root)
-    passes = count_passes(workload, order, impl, device, omniglot_root)
-    conv_flops, conv_seconds, conv_timings = replay_convolutions(workload, order, impl, device, omniglot_root)
+    row = (workload, order, impl, device, omniglot_root)
+    flops, traffic = count_flops(workload, order, impl, omniglot_root), one_step_under(ByteCount(), *row).bytes
+    passes, convs = one_step_under(PassCount(), *row), one_step_under(ConvolutionReplay(), *row)
+    conv_flops, conv_seconds = convs.replay(device)
     rate, bandwidth = matmul_rate(device), copy_bandwidth(device)
     print(f'{workload}-{order} {impl} on {device_name(device)}, torch {torch.__version__}: {wall_ms:.2f} ms/step; '
           f'{"kernels" if cuda else "ops"} busy {busy_ms:.2f} ms/step ({100 * busy_ms / wall_ms:.0f}% of the wall time)')
@@ -251,7 +231,7 @@ def profile_row(workload, order, impl, device, omniglot_root, steps=5, top=12, t
           f'and layouts they take {1e3 * conv_seconds:.1f} ms, {100 * conv_flops / conv_seconds / rate:.0f}% of the '
           f'matmul rate: with every other op free the step would reach {100 * ceiling:.0f}% of it, the ceiling of '
           f'these kernels; the slowest:')
-    for seconds, calls, flops_per_call, what in conv_timings[:top // 2]:
+    for seconds, calls, flops_per_call, what in convs.timings[:top // 2]:
         print(f'{1e3 * seconds:9.3f} ms/step {calls:6d} calls/step  {flops_per_call / seconds * calls / 1e9:6.1f} GFLOP/s  {what}')
     print('ops by self time:')
     for e in events[:top]:
