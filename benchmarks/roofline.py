@@ -113,49 +113,54 @@ class PassCount(TorchDispatchMode, collections.Counter):
 CONVOLUTIONS = {torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default}
 
 
+class Layout(collections.namedtuple('Layout', 'shape stride dtype')):
+    """A recorded tensor argument: what a replay rebuilds it from."""
+
+
 class ConvolutionReplay(TorchDispatchMode):
     """Records every convolution and convolution gradient run under it (under vmap: the grouped
     convolutions it makes), by shapes, strides and settings, with their FLOPs. `replay` runs each
     alone on fresh inputs of the same layout and returns (FLOPs, seconds) of them all: the time
     a step would take if every other op were free, its convolutions' caches as warm as repetition
-    makes them, so the most of the matmul rate that torch's convolution kernels allow a step."""
+    makes them, so the most of the matmul rate that torch's convolution kernels allow a step.
+    After it, `timings` holds each kind of call's (seconds for all its calls, calls, FLOPs per
+    call, description), slowest first."""
 
     def __init__(self):
         super().__init__()
         self.calls = collections.Counter()
         self.flops_per_call = {}
+        self.timings = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func in CONVOLUTIONS:
-            layout = lambda a: (('tensor', tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)
+            record = lambda a: (Layout(tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor)
                                 else tuple(a) if isinstance(a, list) else a)
-            signature = (func, tuple(map(layout, args)))
+            signature = (func, tuple(map(record, args)))
             self.calls[signature] += 1
             self.flops_per_call[signature] = convolution_flops(func, args, out)
         return out
 
     def replay(self, device, repeats=5):
-        """(FLOPs, seconds) of all recorded calls; `self.timings` keeps each kind of call's
-        (seconds for all its calls, calls, FLOPs per call, description), slowest first."""
         self.timings = []
-        for (func, layouts), count in self.calls.items():
-            args = [_random_strided(*a[1:], device) if isinstance(a, tuple) and a[:1] == ('tensor',)
-                    else list(a) if isinstance(a, tuple) else a for a in layouts]
+        for (func, recorded), count in self.calls.items():
+            args = [_random_strided(*a, device) if isinstance(a, Layout) else list(a) if isinstance(a, tuple) else a
+                    for a in recorded]
             seconds = _median_seconds(lambda: func(*args), device, repeats + 1)
-            self.timings.append((count * seconds, count, self.flops_per_call[func, layouts], describe(func, layouts)))
+            self.timings.append((count * seconds, count, self.flops_per_call[func, recorded], describe(func, recorded)))
         self.timings.sort(reverse=True)
         return sum(n * f for _, n, f, _ in self.timings), sum(t for t, *_ in self.timings)
 
 
-def describe(func, layouts):
+def describe(func, recorded):
     """'convolution [5, 32, 28, 28] * [2048, 1, 3, 3], groups 32' and the like, from a recorded call."""
-    shapes = [list(a[1]) for a in layouts if isinstance(a, tuple) and a[:1] == ('tensor',)]
+    shapes = [list(a.shape) for a in recorded if isinstance(a, Layout)]
     if func == torch.ops.aten.convolution.default:
-        kind = 'transposed convolution' if layouts[6] else 'convolution'
-        return f'{kind} {shapes[0]} * {shapes[1]}, groups {layouts[8]}'
-    wanted = ' and '.join(name for name, on in zip(('input', 'weight'), layouts[10]) if on)
-    return f'{wanted} gradient of {shapes[1]} * {shapes[2]}, groups {layouts[9]}'
+        kind = 'transposed convolution' if recorded[6] else 'convolution'
+        return f'{kind} {shapes[0]} * {shapes[1]}, groups {recorded[8]}'
+    wanted = ' and '.join(name for name, on in zip(('input', 'weight'), recorded[10]) if on)
+    return f'{wanted} gradient of {shapes[1]} * {shapes[2]}, groups {recorded[9]}'
 
 
 def _random_strided(shape, stride, dtype, device):
