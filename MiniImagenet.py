@@ -19,67 +19,31 @@ root holds the layout of the MAML-Pytorch README: root/images/*.jpg (84x84 RGB) 
 root/{train,val,test}.csv with the header `filename,label`. Both paths share the CSV checks, the
 decoder, the normalisation and the task drawing: a CPU cache seeded like a Dataset gives its first
 tasks (up to DRAW_CHUNK) in one sample() call, bit for bit. The cache and the sampler are
-imagecache.py's, which folder.py uses for any folder of images. pixel_norm='imagenet' (default, as in
+maml/imagecache.py's, which maml/folder.py uses for any folder of images. pixel_norm='imagenet' (default, as in
 the seed) normalises with the ImageNet mean and std; pixel_norm='unit' only divides by 255, as the
 official MAML code does.
 """
-import csv
-import hashlib
 import os
 
 import numpy as np
 import torch
 
-from errors import DamagedError, FlagError, MissingError
-from episodes import draw_tasks
-from imagecache import (UNREADABLE, ImageFormat, TaskSampler, cached_images, check_task, group_files, normalize,
-                        place, undecodable)
+from maml.episodes import draw_tasks
+from maml.errors import DamagedError
+from maml.folder import read_split
+from maml.imagecache import (
+    UNREADABLE,
+    TaskSampler,
+    cached_images,
+    check_task,
+    miniimagenet_format,
+    normalize,
+    place,
+    undecodable,
+)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PIXEL_NORMS = ('imagenet', 'unit')
-CSV_HEADER = ['filename', 'label']
-LAYOUT_HELP = ("get the mini-ImageNet data (Ravi & Larochelle split; here the shared archive "
-               "images_{train,val,test}.tar.gz plus its CSVs) and lay it out as in the MAML-Pytorch "
-               "README: root/images/*.jpg and root/{train,val,test}.csv")
-MISSING_HELP = "unpack images_{mode}.tar.gz so that root/images/ holds them"
 DAMAGED_HELP = "replace it with the file from the archive"
 DRAW_CHUNK = 1024       # tasks drawn at once when pre-drawing a Dataset, to bound the score tensor
-
-
-def read_split(root, mode, layout_help=LAYOUT_HELP, missing_help=MISSING_HELP):
-    """Read and check root/{mode}.csv against root/images/; the classes in order of first appearance.
-
-    Returns a dict: class_names [n_classes], filenames (all images, grouped by class), counts
-    [n_classes] (images per class), index_table [n_classes, max(counts)] (class, i) -> position in
-    filenames (padded with 0 past a class's count), csv_sha (sha256 hex of the CSV bytes).
-    The help texts say how to get the data (folder.py reads its own CSV layout with this).
-    """
-    csv_path, image_dir = os.path.join(root, f'{mode}.csv'), os.path.join(root, 'images')
-    if not os.path.isdir(root):
-        raise MissingError(f"MiniImagenet root '{root}' does not exist; {layout_help}.")
-    for path in (csv_path, image_dir):
-        if not os.path.exists(path):
-            raise MissingError(f"MiniImagenet root '{root}' has no {os.path.basename(path)}; {layout_help}.")
-    with open(csv_path, 'rb') as f:
-        csv_bytes = f.read()
-    rows = list(csv.reader(csv_bytes.decode('utf-8-sig').splitlines()))
-    if not rows or [field.strip() for field in rows[0]] != CSV_HEADER:
-        raise DamagedError(f"{csv_path} starts with {rows[0] if rows else 'nothing'}, not the header "
-                           f"'filename,label'; use the split CSVs of the mini-ImageNet release.")
-    by_class = {}
-    for line, row in enumerate(rows[1:], start=2):
-        if len(row) != 2:
-            raise DamagedError(f"line {line} of {csv_path} has {len(row)} fields, not 2 "
-                               f"(filename,label); fix or replace the CSV.")
-        by_class.setdefault(row[1], []).append(row[0])
-    present = set(os.listdir(image_dir))
-    missing = [name for names in by_class.values() for name in names if name not in present]
-    if missing:
-        raise MissingError(f"{len(missing)} of the images listed in {csv_path} are missing from "
-                           f"{image_dir} (first: {', '.join(missing[:3])}); {missing_help.format(mode=mode)}.")
-    split = group_files({label: [os.path.join(image_dir, name) for name in names] for label, names in by_class.items()})
-    return {**split, 'csv_sha': hashlib.sha256(csv_bytes).hexdigest()}
 
 
 def check_splits(root, tasks):
@@ -90,20 +54,10 @@ def check_splits(root, tasks):
         check_task(read_split(root, mode), f'{mode}.csv', n_way, k_shot, k_query)
 
 
-def image_format(resize, pixel_norm='imagenet'):
-    """How mini-ImageNet's images become the network's input: RGB, resized like the seed (PIL
-    bilinear, antialiased), normalised by `pixel_norm`."""
-    if pixel_norm not in PIXEL_NORMS:
-        raise FlagError(f"pixel_norm={pixel_norm!r} is not one of {', '.join(map(repr, PIXEL_NORMS))}; "
-                        f"pick one of those.")
-    stats = (IMAGENET_MEAN, IMAGENET_STD) if pixel_norm == 'imagenet' else ((0.0,) * 3, (1.0,) * 3)
-    return ImageFormat(3, resize, 'bilinear', *stats)
-
-
 def load_image(path, resize):
     """One image as uint8 [3, resize, resize], resized like the seed (PIL bilinear, antialiased)."""
     try:
-        return image_format(resize).decode(path)
+        return miniimagenet_format(resize).decode(path)
     except UNREADABLE as e:   # PIL.UnidentifiedImageError and truncated files are OSErrors
         raise DamagedError(undecodable([(path, e)], 1, DAMAGED_HELP)) from None
 
@@ -111,7 +65,7 @@ def load_image(path, resize):
 def normalizer(pixel_norm, device):
     """(scale, shift) [3, 1, 1] on device for `normalize`: from the ImageNet mean and std
     ('imagenet'), or mean 0 and std 1, i.e. x / 255 only ('unit')."""
-    return image_format(0, pixel_norm).normalizer(device)
+    return miniimagenet_format(0, pixel_norm).normalizer(device)
 
 
 class MiniImagenet(torch.utils.data.Dataset):
@@ -154,7 +108,7 @@ class MiniImagenetCache(TaskSampler):
 
     def __init__(self, root, mode, resize=84, device='cpu', seed=0, cache_dir=None, num_workers=None,
                  keep_on_device=None, pixel_norm='imagenet'):
-        fmt = image_format(resize, pixel_norm)
+        fmt = miniimagenet_format(resize, pixel_norm)
         split = read_split(root, mode)
         cache_dir = cache_dir or os.path.join(root, 'cache')
         self.root, self.resize = root, resize

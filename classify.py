@@ -36,12 +36,14 @@ import sys
 import numpy as np
 import torch
 
-from errors import DamagedError, FlagError, MissingError
-from folder import LAYOUTS_HELP, checkpoint_format, counted, find_classes, listing, not_images_note, walk
-from imagecache import UNREADABLE, normalize, undecodable
-from meta import Meta, load_checkpoint
-from presets import DEFAULTS
-from trainer import available_device, device_name, run_main, tune
+from maml.checkpoints import load_checkpoint
+from maml.devices import available_device, device_name, tune
+from maml.errors import DamagedError, FlagError, MissingError
+from maml.folder import LAYOUTS_HELP, checkpoint_format, counted, find_classes, listing, not_images_note, walk
+from maml.imagecache import UNREADABLE, normalize, undecodable
+from maml.presets import DEFAULTS
+from maml.trainer import run_main
+from meta import Meta
 
 
 class FewShotClassifier:

@@ -12,7 +12,7 @@ checkpoint alone; flags change the evaluation protocol.
 With the default --seed the tasks are those of the training script's final report, so a run's
 best.pth gives the test_acc it stored. --data FOLDER evaluates any checkpoint on another data set
 (cross-domain, e.g. mini-ImageNet models on CUB): the classes of FOLDER's test/ or test.csv, else
-all its classes, converted to the checkpoint's channels, size and normalisation (folder.py).
+all its classes, converted to the checkpoint's channels, size and normalisation (maml/folder.py).
 --ensemble K averages the query-set class probabilities of the K best ranked checkpoints
 (maml_step*_acc*.pth) in the checkpoint's folder, each fine-tuned on the support set, as MAML++
 reports its results.
@@ -26,22 +26,22 @@ import torch
 
 import miniimagenet_train
 import omniglot_train
-from checkpoints import RANKED
-from errors import FlagError, MissingError
-from folder import ImageFolder, checkpoint_format
-from meta import Meta, load_checkpoint
+from maml.checkpoints import RANKED, load_checkpoint
+from maml.devices import available_device, device_name, tune
+from maml.errors import FlagError, MissingError
+from maml.folder import ImageFolder, checkpoint_format
+from maml.presets import DEFAULTS
+from maml.trainer import EVAL_SEED, evaluate, format_accs, mean_ci, run_main
+from meta import Meta
 from MiniImagenet import MiniImagenetCache
 from omniglotNShot import holds_omniglot
-from presets import DEFAULTS
-from trainer import available_device, device_name, evaluate, format_accs, mean_ci, run_main, tune
 
 DATA_ROOTS = {'omniglot': omniglot_train.DATA_ROOT, 'miniimagenet': miniimagenet_train.DATA_ROOT}
-EVAL_BATCH = miniimagenet_train.EVAL_BATCH   # the same batches as the script's report: the same tasks
 
 
 def task_sampler(settings, ckpt, path, device, split):
     """next_batch() over a fixed, seeded sequence of `split` tasks, and a phrase saying whose:
-    the checkpoint's data set, or a folder of images (folder.py) when it was trained on one or
+    the checkpoint's data set, or a folder of images (maml/folder.py) when it was trained on one or
     --data names one that its own data set's loader does not read."""
     n_way, k_spt, k_qry = settings.n_way, settings.k_spt, settings.k_qry_test
     if settings.dataset == 'folder' or settings.data_given and not own_data(settings.dataset, settings.data, split):
@@ -50,12 +50,12 @@ def task_sampler(settings, ckpt, path, device, split):
         # the training script draws its evaluation tasks task_num at a time: the same draw gives the same tasks
         # the training-time k_qry plays no part here: only the evaluation's counts are checked
         db = omniglot_train.make_loader(argparse.Namespace(**{**vars(settings), 'k_qry': k_qry}), device)
-        db.reset(split, settings.seed)
-        return (lambda: db.next(split, k_query=k_qry)), f'the Omniglot {split} characters in {settings.data}'
+        return (omniglot_train.fixed_tasks(db, split, k_qry, settings.seed),
+                f'the Omniglot {split} characters in {settings.data}')
     cache = MiniImagenetCache(settings.data, split, resize=settings.imgsz, device=device,
                               pixel_norm=settings.pixel_norm)
-    cache.reset(settings.seed)
-    return (lambda: cache.sample(EVAL_BATCH, n_way, k_spt, k_qry)), f'the mini-ImageNet {split}.csv of {settings.data}'
+    return (miniimagenet_train.fixed_tasks(cache, n_way, k_spt, k_qry, settings.seed),
+            f'the mini-ImageNet {split}.csv of {settings.data}')
 
 
 def own_data(dataset, root, split):
@@ -86,8 +86,8 @@ def folder_sampler(settings, ckpt, path, device, split):
         classes, which = folder.evaluation_classes(split)
     usable = folder.usable({split: classes}, {split: (settings.n_way, settings.k_spt, settings.k_qry_test)})
     samplers, _ = folder.samplers(usable, checkpoint_format(ckpt), device)
-    samplers[split].reset(settings.seed)
-    return (lambda: samplers[split].sample(EVAL_BATCH, settings.n_way, settings.k_spt, settings.k_qry_test)), which
+    return miniimagenet_train.fixed_tasks(samplers[split], settings.n_way, settings.k_spt, settings.k_qry_test,
+                                          settings.seed), which
 
 
 def settings_of(ckpt, path, flags):
@@ -147,7 +147,7 @@ def build_parser():
     p.add_argument('--k_spt', type=int, help="support images per class (default: the checkpoint's)")
     p.add_argument('--k_qry_test', type=int, help="query images per class (default: the checkpoint's)")
     p.add_argument('--update_step_test', type=int, help="fine-tuning steps (default: the checkpoint's)")
-    p.add_argument('--seed', type=int, default=omniglot_train.EVAL_SEED,
+    p.add_argument('--seed', type=int, default=EVAL_SEED,
                    help="seed of the task sequence (the default gives the training script's final report)")
     p.add_argument('--ensemble', type=int, default=1, help='average the top-K ranked checkpoints of the run')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')

@@ -3,11 +3,11 @@ Meta-train MAML on your own folder of images (N-way K-shot classification of its
 
     python folder_train.py --data ~/microscope                   # defaults that suit the images found
     python folder_train.py --data ~/microscope --k_spt 5 --time_budget 60
-    python folder_train.py --data ~/microscope --preset paper-5w1s   # mini-ImageNet's protocol (presets.py)
+    python folder_train.py --data ~/microscope --preset paper-5w1s   # mini-ImageNet's protocol (maml/presets.py)
     python folder_train.py --resume checkpoints/last.pth
-    torchrun --standalone --nproc_per_node=4 folder_train.py --data ~/microscope --task_num 32   # distributed.py
+    torchrun --standalone --nproc_per_node=4 folder_train.py --data ~/microscope --task_num 32   # maml/distributed.py
 
---data holds class folders of images (folder.py): in train/ val/ test/ folders, listed by
+--data holds class folders of images (maml/folder.py): in train/ val/ test/ folders, listed by
 train.csv val.csv test.csv, or else split by --split_fractions of the classes with --split_seed.
 Images become --channels channels (auto: 1 when every image is grey, else 3) of --imgsz pixels,
 decoded once into a uint8 cache under --cache_dir, normalised by the mean and std of the training
@@ -19,16 +19,16 @@ are ranked on the validation classes and the selected one is reported once on th
 """
 import os
 
-import distributed
 import miniimagenet_train
 import omniglot_train
-from errors import MissingError
-from flags import check_args, make_parser, parse_args
-from folder import LAYOUTS_HELP, ImageFolder
-from imagecache import ImageFormat
+from maml import distributed
+from maml.errors import MissingError
+from maml.flags import check_args, make_parser, parse_args
+from maml.folder import LAYOUTS_HELP, ImageFolder
+from maml.imagecache import ImageFormat
+from maml.presets import PROFILES
+from maml.trainer import run_main, setup_device
 from meta import Meta
-from presets import PROFILES
-from trainer import run_main, setup_device
 
 NETWORKS = {'miniimagenet': miniimagenet_train.network, 'omniglot': omniglot_train.network}
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import FlagError
+from maml.errors import FlagError
 
 BN_EPS = 1e-5
 

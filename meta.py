@@ -11,7 +11,7 @@ The MAML meta-learner (Finn, Abbeel, Levine 2017, Algorithm 2), all tasks of a m
     logits = maml.predict(x_qry, fast_weights)
 
 The family (ANIL, Meta-SGD, Reptile, and MAML++'s MSL, DA, LSLR, BNWB, BNRS, CA) are options of
-this one engine, off by default; family.py describes them and holds their extra pieces.
+this one engine, off by default; maml/family.py describes them and holds their extra pieces.
 
 Algorithm 2, line by line:
     line 3   sample a batch of tasks                  -> the caller (the episode loaders)
@@ -26,45 +26,21 @@ whose result stays differentiable with respect to theta, so `loss.backward()` yi
 second-order meta-gradient; with `first_order` they are detached (the paper's first-order MAML).
 """
 import contextlib
-import ctypes
-import os
-import pickle
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import grad, vmap
 
-import family
-from errors import DamagedError, FlagError, MissingError
 from learner import Learner
+from maml import family
+from maml.checkpoints import load_checkpoint
+from maml.devices import tune_cpu
+from maml.errors import FlagError
+from maml.presets import HPARAMS
 
-# Meta's hyperparameters and their defaults (the seed's Omniglot settings); the network's input
-# shape, imgc and imgsz, has no default. A checkpoint stores these to rebuild the learner. The
-# second line is the family's options (family.py), off by default; total_steps defaults to args.epoch.
-DEFAULTS = dict(update_lr=0.4, meta_lr=1e-3, update_step=5, update_step_test=10, first_order=False,
-                grad_clip=0.0, amp=False,
-                algo='maml', msl_steps=0, da_steps=0, lslr=False, bnwb=False, bnrs=False, cosine=False,
-                min_meta_lr=1e-5, total_steps=None)
-SHAPE = ('imgc', 'imgsz')
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
-# what torch.load's RuntimeErrors say when the archive itself is cut short or corrupt
-ARCHIVE_DAMAGE = ('PytorchStreamReader', 'inline_container', 'zip archive')
-
-
-def tune_cpu():
-    """Keep freed memory in the heap (glibc only). By default glibc maps each block of more than
-    128 kB to 32 MB afresh and returns it when freed, so every activation tensor of a meta-step (tens
-    of MB at the seed's defaults) is page-faulted in again at every step; with the heap kept, a
-    second-order Omniglot step ran 1.1-1.8x faster on a 2-core AMD EPYC (README, Speed), and 2.8x
-    for a Meta built in a notebook. Every Meta applies it (it is process-wide and costs nothing to
-    repeat), so the speed does not depend on the entry point."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:   # another C library (macOS, musl): left as it is
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-    libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+DEFAULTS = HPARAMS          # Meta's hyperparameters and their defaults (maml/presets.py)
+SHAPE = ('imgc', 'imgsz')   # the network's input, which has no default
 
 
 class Meta(nn.Module):
@@ -302,38 +278,3 @@ class Meta(nn.Module):
         maml.amp = maml.amp and saved.device.type == 'cuda'   # bf16 autocast is for CUDA only
         maml.load_state(ckpt)
         return maml
-
-
-def damaged(path, error):
-    return DamagedError(f"Checkpoint {path} cannot be read ({type(error).__name__}); the file is damaged "
-                        f"or not a MAML checkpoint, so load another one such as best.pth.")
-
-
-def load_checkpoint(path, map_location=None):
-    """torch.load with weights_only=True, and one clear sentence for a missing or damaged file.
-    On a machine without CUDA, tensors saved on a GPU are loaded onto the CPU."""
-    if map_location is None and not torch.cuda.is_available():
-        map_location = 'cpu'
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise MissingError(f"Checkpoint {path} does not exist; check the path.") from None
-    except IsADirectoryError:
-        raise MissingError(f"{path} is a folder, not a checkpoint; pass a .pth file in it, such as "
-                           f"{os.path.join(path, 'best.pth')}.") from None
-    except PermissionError:
-        raise MissingError(f"Checkpoint {path} cannot be opened by this user (permission denied); "
-                           f"change its permissions or copy it.") from None
-    except RuntimeError as e:
-        if 'deserialize object on' in str(e):   # saved on a GPU this machine does not have
-            raise FlagError(f"Checkpoint {path} holds tensors saved on a GPU this machine lacks ({e}); "
-                            f"load it with map_location='cpu' or onto a GPU you have, e.g. 'cuda:0'.") from None
-        if not any(sign in str(e) for sign in ARCHIVE_DAMAGE):
-            raise   # out of memory, a bug: not the file's fault, so the traceback stays
-        raise damaged(path, e) from None
-    except (pickle.UnpicklingError, EOFError, KeyError, OSError) as e:
-        raise damaged(path, e) from None
-    if not isinstance(ckpt, dict) or not {'model', 'config', 'hparams'} <= ckpt.keys():
-        raise DamagedError(f"Checkpoint {path} is not a MAML checkpoint of this project (it lacks "
-                           f"model/config/hparams); load one written by the training scripts.")
-    return ckpt

@@ -2,10 +2,10 @@
 Meta-train MAML on mini-ImageNet (N-way K-shot classification, Finn et al. 2017, section 5.2).
 
     python miniimagenet_train.py                              # 5-way 1-shot, the seed's settings
-    python miniimagenet_train.py --preset paper-5w1s          # the paper's protocol (presets.py)
+    python miniimagenet_train.py --preset paper-5w1s          # the paper's protocol (maml/presets.py)
     python miniimagenet_train.py --preset paper-5w5s
     python miniimagenet_train.py --resume checkpoints/last.pth
-    torchrun --standalone --nproc_per_node=4 miniimagenet_train.py --task_num 32   # 4 GPUs (distributed.py)
+    torchrun --standalone --nproc_per_node=4 miniimagenet_train.py --task_num 32   # 4 GPUs (maml/distributed.py)
 
 DATA_ROOT (or --data) holds images/*.jpg and train.csv, val.csv, test.csv (see README). Each split
 is decoded once into a uint8 cache under <data>/cache and episodes are gathered on the device.
@@ -16,15 +16,15 @@ import os
 
 import torch
 
-import distributed
-from flags import make_parser, parse_args
+from maml import distributed
+from maml.devices import device_name
+from maml.flags import make_parser, parse_args
+from maml.trainer import EVAL_SEED, evaluate, fit, plain_dict, report_test, run_main, setup_device
 from meta import Meta
 from MiniImagenet import MiniImagenetCache, check_splits
-from trainer import device_name, evaluate, fit, plain_dict, report_test, run_main, setup_device
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'miniimagenet')
-EVAL_SEED = 12345   # the validation tasks of every evaluation, so that checkpoints compare on equal terms
-EVAL_BATCH = 8      # tasks fine-tuned at once when evaluating (no meta-gradient, so more fit)
+EVAL_BATCH = 8   # tasks fine-tuned at once when evaluating (no meta-gradient, so more fit)
 
 
 def network(n_way, imgsz, filters=32, channels=3):
@@ -37,11 +37,11 @@ def network(n_way, imgsz, filters=32, channels=3):
     return config + [('flatten', []), ('linear', [n_way, filters * side * side])]
 
 
-def evaluation_tasks(split, n_tasks, n_way, k_shot, k_query, maml, seed=EVAL_SEED):
-    """Accuracies [n_tasks, steps+1] of `maml` on a fixed sequence of tasks of `split`."""
+def fixed_tasks(split, n_way, k_shot, k_query, seed=EVAL_SEED):
+    """next_batch() over the fixed sequence of tasks of `split` (a TaskSampler: mini-ImageNet's or a
+    folder's) that `seed` gives (evaluate.py's too)."""
     split.reset(seed)
-    return evaluate(maml, lambda: split.sample(EVAL_BATCH, n_way, k_shot, k_query), n_tasks,
-                    desc=f'{split.mode} tasks')
+    return lambda: split.sample(EVAL_BATCH, n_way, k_shot, k_query)
 
 
 def build_parser():
@@ -79,11 +79,12 @@ def meta_train(maml, splits, args, device, data=None):
     print(f'{device_name(device)}, torch {torch.__version__}\n{maml.net}\n{plain_dict(args)}')
     k_eval = args.k_qry_test or args.k_qry
     train, shard = splits['train'], distributed.local_tasks(args.task_num)   # this rank's tasks per step
+    shape = (args.n_way, args.k_spt, k_eval)
     run = fit(maml, train, lambda: train.sample(shard, args.n_way, args.k_spt, args.k_qry),
-              lambda: evaluation_tasks(splits['val'], args.eval_tasks, args.n_way, args.k_spt, k_eval, maml),
+              lambda: evaluate(maml, fixed_tasks(splits['val'], *shape), args.eval_tasks, 'val tasks'),
               args, split='val', data=data)
-    report_test(run, lambda best: evaluation_tasks(splits['test'], args.test_tasks, args.n_way, args.k_spt,
-                                                   k_eval, best), args.test_tasks, device)
+    report_test(run, lambda best: evaluate(Meta.from_state(best), fixed_tasks(splits['test'], *shape), args.test_tasks,
+                                           'test tasks'), args.test_tasks, device)
 
 
 if __name__ == '__main__':

@@ -37,7 +37,7 @@ per test class is an orientation cue that tells apart the characters of one alph
 
 The whole set lives on `device` as uint8 and each episode is one gather there; only the drawn
 indices (a few kB) cross from the CPU, where tasks are drawn so that a seed gives the same tasks on
-every device (episodes.py). That is why no pinned-memory loader is needed for Omniglot.
+every device (maml/episodes.py). That is why no pinned-memory loader is needed for Omniglot.
 """
 import os
 import shutil
@@ -49,10 +49,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from errors import DamagedError, FlagError, MissingError
-from imagecache import UNREADABLE, ImageFormat
-from episodes import draw_group_tasks, draw_tasks, group_table, set_generator_state, to_device
-from scratch import remove_orphans
+from maml.episodes import draw_group_tasks, draw_tasks, group_table, set_generator_state, to_device
+from maml.errors import DamagedError, FlagError, MissingError
+from maml.imagecache import OMNIGLOT_RESAMPLING, UNREADABLE, ImageFormat
+from maml.scratch import remove_orphans
 
 BASE_URL = 'https://raw.githubusercontent.com/brendenlake/omniglot/master/python/'
 ARCHIVE_MD5 = {'images_background': '68d2efa1b9178cc56df9314c21c6e718',
@@ -60,8 +60,7 @@ ARCHIVE_MD5 = {'images_background': '68d2efa1b9178cc56df9314c21c6e718',
 DRAWINGS = 20            # every Omniglot character is drawn by 20 people
 N_TRAIN_CLASSES = 1200   # the paper's meta-training split; the other 423 characters are for test
 SPLIT_SEED = 0           # fixed so that every run and every checkpoint sees the same test characters
-PREPROCESSING = ('official', 'greyscale')
-RESAMPLING = {'official': 'binary', 'greyscale': 'lanczos'}   # imagecache.ImageFormat's names of the two
+PREPROCESSING = tuple(OMNIGLOT_RESAMPLING)   # 'official', 'greyscale'
 SPLITS = ('random', 'lake')
 ROTATIONS = (None, 'classes', 'per_task')
 SCRATCH_PREFIX = '.extracting-'   # + '<pid>-<part>': an extraction under way, or killed midway
@@ -132,7 +131,7 @@ def _scratch_pid(name):
 def _download(url, root, archive, md5):
     """Download to a temporary name, check the MD5, then rename: a cut or corrupt download never
     takes the archive's place."""
-    from torchvision.datasets.utils import download_url   # here: importing torchvision costs every start 1.8 s
+    from torchvision.datasets.utils import download_url  # here: importing torchvision costs every start 1.8 s
     partial = f'{os.path.basename(archive)}.{os.getpid()}.part'   # concurrent first runs download apart
     try:
         download_url(url, root, filename=partial, md5=md5)
@@ -189,7 +188,7 @@ def load_images(root, imgsz, preprocess='official', download=True):
 
 def _read_png(path, imgsz, preprocess):
     try:
-        return ImageFormat(1, imgsz, RESAMPLING[preprocess]).decode(path)[0]
+        return ImageFormat(1, imgsz, OMNIGLOT_RESAMPLING[preprocess]).decode(path)[0]
     except UNREADABLE:
         raise DamagedError(f"Cannot read {path}; the file is damaged, so delete the extracted "
                            f"folders and run again to extract the archives anew.") from None
@@ -238,7 +237,7 @@ class OmniglotNShot:
         # rotating a flat image = gathering its pixels at rot90 of the pixel positions
         positions = torch.arange(imgsz * imgsz, device=self.device).view(imgsz, imgsz)
         self.rotated_positions = torch.stack([positions.rot90(k).reshape(-1) for k in range(4)])
-        self.generators = {mode: torch.Generator() for mode in self.data}   # on the CPU: see episodes.py
+        self.generators = {mode: torch.Generator() for mode in self.data}   # on the CPU: see maml/episodes.py
         for i, mode in enumerate(self.data):
             self.reset(mode, seed + i)
 

@@ -2,15 +2,15 @@
 Meta-train MAML on Omniglot (N-way K-shot classification, Finn et al. 2017, section 5.2).
 
     python omniglot_train.py                                  # 5-way 1-shot, the seed's settings
-    python omniglot_train.py --preset paper-5w1s              # the paper's protocol (presets.py)
+    python omniglot_train.py --preset paper-5w1s              # the paper's protocol (maml/presets.py)
     python omniglot_train.py --preset paper-20w1s --device cuda
     python omniglot_train.py --resume checkpoints/last.pth    # continue a stopped run
-    torchrun --standalone --nproc_per_node=4 omniglot_train.py --task_num 32   # 4 GPUs (distributed.py)
+    torchrun --standalone --nproc_per_node=4 omniglot_train.py --task_num 32   # 4 GPUs (maml/distributed.py)
 
 Omniglot is downloaded into DATA_ROOT (or --data) when it is missing. Every --eval_every steps the
 model is fine-tuned on --eval_tasks tasks of 100 held-out training characters (the same tasks each
 time) and the accuracy after each fine-tuning step is printed as mean +- 95% CI; checkpoints go to
---save_dir (see checkpoints.py). At the end the selected model, best.pth, is evaluated once on the
+--save_dir (see maml/checkpoints.py). At the end the selected model, best.pth, is evaluated once on the
 423 test characters. --val_classes 0 ranks the checkpoints on the test characters instead, as the
 seed did (then the reported accuracy is the best of many looks at the test set).
 """
@@ -19,14 +19,14 @@ import os
 
 import torch
 
-import distributed
-from flags import make_parser, parse_args
+from maml import distributed
+from maml.devices import device_name
+from maml.flags import make_parser, parse_args
+from maml.trainer import EVAL_SEED, evaluate, fit, plain_dict, report_test, run_main, setup_device
 from meta import Meta
 from omniglotNShot import OmniglotNShot
-from trainer import device_name, evaluate, fit, plain_dict, report_test, run_main, setup_device
 
 DATA_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'omniglot')
-EVAL_SEED = 12345   # the evaluation tasks of every evaluation, so that checkpoints compare on equal terms
 
 
 def network(n_way, imgsz, filters=64, channels=1):
@@ -50,10 +50,10 @@ def make_loader(args, device, batchsz=None, seed=None):
                          within_alphabet=('val', 'test') if lake else (), rotate_modes=('train',) if lake else None)
 
 
-def evaluation_tasks(db, mode, n_tasks, k_query, maml, seed=EVAL_SEED):
-    """Accuracies [n_tasks, steps+1] of `maml` on a fixed sequence of `mode` tasks."""
+def fixed_tasks(db, mode, k_query, seed=EVAL_SEED):
+    """next_batch() over the fixed sequence of `mode` tasks that `seed` gives (evaluate.py's too)."""
     db.reset(mode, seed)
-    return evaluate(maml, lambda: db.next(mode, k_query=k_query), n_tasks, desc=f'{mode} tasks')
+    return lambda: db.next(mode, k_query=k_query)
 
 
 def build_parser():
@@ -95,10 +95,11 @@ def main():
               'accuracy is optimistic; use --val_classes 100 for an unbiased report.')
     k_eval = args.k_qry_test or args.k_qry
     run = fit(maml, db, lambda: db.next('train'),
-              lambda: evaluation_tasks(eval_db, split, args.eval_tasks, k_eval, maml), args, split=split)
+              lambda: evaluate(maml, fixed_tasks(eval_db, split, k_eval), args.eval_tasks, f'{split} tasks'),
+              args, split=split)
     if split == 'val':
-        report_test(run, lambda best: evaluation_tasks(eval_db, 'test', args.test_tasks, k_eval, best),
-                    args.test_tasks, device)
+        report_test(run, lambda best: evaluate(Meta.from_state(best), fixed_tasks(eval_db, 'test', k_eval),
+                                               args.test_tasks, 'test tasks'), args.test_tasks, device)
 
 
 if __name__ == '__main__':

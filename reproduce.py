@@ -1,5 +1,5 @@
 """
-Run the paper's experiments (presets.py) to their end, one part at a time, and collect the results.
+Run the paper's experiments (maml/presets.py) to their end, one part at a time, and collect the results.
 
     python reproduce.py                                    # where each experiment stands
     python reproduce.py omniglot/paper-5w5s --minutes 120  # start or continue one for 2 h, then evaluate
@@ -29,11 +29,10 @@ import sys
 
 import torch
 
-from checkpoints import atomic_save, read_metrics
-from errors import FlagError, RunError
-from meta import load_checkpoint
-from presets import PRESETS
-from trainer import format_duration, run_main
+from maml.checkpoints import atomic_save, load_checkpoint, read_metrics
+from maml.errors import FlagError, RunError
+from maml.presets import PRESETS
+from maml.trainer import format_duration, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 SCRIPTS = {'omniglot': 'omniglot_train.py', 'miniimagenet': 'miniimagenet_train.py'}

@@ -61,17 +61,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 import miniimagenet_train
 import omniglot_train
-from errors import FlagError
+from maml.devices import available_device, device_name, tune
+from maml.errors import FlagError
+from maml.folder import read_split
+from maml.presets import DEFAULTS, PRESETS
+from maml.trainer import run_main
 from meta import Meta
-from MiniImagenet import MiniImagenetCache, read_split
+from MiniImagenet import MiniImagenetCache
 from omniglotNShot import OmniglotNShot, load_images
-from presets import DEFAULTS, PRESETS
 from reference import reference_step, seed_forward, seed_network, seed_step
 from roofline import ByteCount, ConvolutionReplay, FlopCount, PassCount, copy_bandwidth, matmul_rate, sync
-from trainer import available_device, device_name, run_main, tune
+
 
 def workload_settings(dataset, preset=None):
-    """The flags of a training script's defaults, or of one of its presets (presets.py)."""
+    """The flags of a training script's defaults, or of one of its presets (maml/presets.py)."""
     return dict(DEFAULTS[dataset], **(PRESETS[dataset][preset] if preset else {}), imgc=IMGC[dataset], dataset=dataset)
 
 
@@ -83,7 +86,7 @@ WORKLOADS = {
     'seednet-paper': dict(workload_settings('omniglot', 'paper-5w1s'), net='seed'),
     'mini-5w1s': workload_settings('miniimagenet'),
 }
-# the MAML family on the same engine (family.py); maml++ with its multi-step loss on, its costly phase
+# the MAML family on the same engine (maml/family.py); maml++ with its multi-step loss on, its costly phase
 FAMILY = {'anil': dict(algo='anil'), 'metasgd': dict(algo='metasgd'), 'reptile': dict(algo='reptile'),
           'maml++': dict(msl_steps=10 ** 9, lslr=True, bnwb=True, bnrs=True, cosine=True, total_steps=10 ** 6)}
 IMPLS = ['seed', 'reference', 'meta', 'notebook', 'meta+matmul', 'meta+amp', 'meta+compile', 'meta+graphs', *FAMILY]

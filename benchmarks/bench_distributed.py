@@ -1,5 +1,5 @@
 """
-Meta-step throughput under torchrun (distributed.py) on random Omniglot-shaped tasks (5-way 1-shot,
+Meta-step throughput under torchrun (maml/distributed.py) on random Omniglot-shaped tasks (5-way 1-shot,
 15 query images, 28x28, the paper's 64-filter net, one inner step, second order), the global
 meta-batch BENCH_TASKS (default 8) split over the ranks.
 
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-import distributed
+from maml import distributed
 from meta import Meta
 from omniglot_train import network
 

@@ -1,5 +1,5 @@
 """
-The folder loader (folder.py) against mini-ImageNet's on the same images: how long a folder's
+The folder loader (maml/folder.py) against mini-ImageNet's on the same images: how long a folder's
 cache takes to build, and what a training step costs from each loader's sampler.
 
     python benchmarks/bench_folder.py data/miniimagenet                    # all 60,000 JPEGs as a folder
@@ -29,11 +29,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 import miniimagenet_train
-from folder import ImageFolder
+from maml.devices import device_name, tune_cpu
+from maml.folder import ImageFolder, read_split
+from maml.imagecache import miniimagenet_format
+from maml.presets import MINIIMAGENET
 from meta import Meta
-from MiniImagenet import MiniImagenetCache, image_format, read_split
-from presets import MINIIMAGENET
-from trainer import device_name, tune_cpu
+from MiniImagenet import MiniImagenetCache
 
 
 def cpu_seconds():
@@ -91,7 +92,7 @@ def main():
     with tempfile.TemporaryDirectory() as scratch:
         images = os.path.join(scratch, 'images')
         n = link_class_folders(args.root, modes, images)
-        fmt = image_format(args.imgsz)   # mini-ImageNet's normalisation, so that both give the same tensors
+        fmt = miniimagenet_format(args.imgsz)   # mini-ImageNet's normalisation, so that both give the same tensors
         wall, cpu = time.perf_counter(), cpu_seconds()
         folder = ImageFolder(images, os.path.join(scratch, 'cache'))
         classes = read_split(args.root, modes[0])['class_names']

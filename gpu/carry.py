@@ -33,10 +33,10 @@ import tarfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 import omniglot_train
-from errors import DamagedError, FlagError, MissingError
-from MiniImagenet import read_split
+from maml.errors import DamagedError, FlagError, MissingError
+from maml.folder import read_split
+from maml.trainer import run_main
 from omniglotNShot import load_images
-from trainer import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get('MAML_DATA', os.path.join(REPO, '..', 'shared', 'data'))

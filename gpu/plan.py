@@ -46,9 +46,10 @@ import miniimagenet_train
 import omniglot_train
 import reproduce
 from carry import MINI_SAMPLE
-from errors import FlagError, MissingError, UserError
+from maml.devices import available_device, device_name
+from maml.errors import FlagError, MissingError, UserError
+from maml.trainer import format_duration, run_main
 from omniglotNShot import load_images
-from trainer import available_device, device_name, format_duration, run_main
 
 STAGES = ('checks', 'bench', 'reproduce')
 # a few steps of each path: 2 inner steps, 4 tasks (2 per rank under torchrun), evaluation and the final report included

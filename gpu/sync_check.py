@@ -22,11 +22,12 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-from errors import RunError
-from flags import parse_args
+from maml.devices import device_name
+from maml.errors import RunError
+from maml.flags import parse_args
+from maml.trainer import run_main, setup_device
 from meta import Meta
 from omniglot_train import DATA_ROOT, build_parser, make_loader, network
-from trainer import device_name, run_main, setup_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ('meta', 'maml++', 'from-checkpoint', 'sampling')

@@ -1,8 +1,10 @@
-"""Shared test helpers: where the real data sets are, and a private copy of Omniglot.
+"""Shared test helpers: a small float64 meta-learning problem (a network, its tasks, a Meta and the
+training loop's flags on it), where the real data sets are, and a private copy of Omniglot.
 
 Real data comes from $MAML_DATA or else ../shared/data beside the repository. Without it the
 tests that need it skip, unless MAML_REQUIRE_DATA=1 (set by .ci/run), which makes them fail.
 """
+import argparse
 import os
 import shutil
 import tarfile
@@ -10,8 +12,83 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+
+from maml.checkpoints import load_checkpoint
+from maml.trainer import fit
+from meta import Meta
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS, N_WAY, K_SPT, K_QRY, SIDE = 3, 4, 2, 3, 12
+CONFIG = [('conv2d', [6, 1, 3, 3, 2, 1]), ('bn', [6]), ('relu', [True]),
+          ('conv2d', [6, 6, 3, 3, 2, 1]), ('bn', [6]), ('relu', [True]),
+          ('flatten', []), ('linear', [N_WAY, 6 * 3 * 3])]
+
+
+def make_meta(update_step=3, first_order=False, seed=0):
+    args = argparse.Namespace(update_lr=0.3, meta_lr=1e-3, n_way=N_WAY, k_spt=K_SPT, k_qry=K_QRY,
+                              task_num=TASKS, update_step=update_step, update_step_test=4, imgc=1,
+                              imgsz=SIDE, first_order=first_order)
+    torch.manual_seed(seed)
+    return Meta(args, CONFIG).double()
+
+
+def make_tasks(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x_spt = torch.randn(TASKS, N_WAY * K_SPT, 1, SIDE, SIDE, generator=g, dtype=torch.float64)
+    x_qry = torch.randn(TASKS, N_WAY * K_QRY, 1, SIDE, SIDE, generator=g, dtype=torch.float64)
+    y_spt = torch.arange(N_WAY).repeat_interleave(K_SPT).repeat(TASKS, 1)
+    y_qry = torch.arange(N_WAY).repeat_interleave(K_QRY)[torch.randperm(N_WAY * K_QRY, generator=g)].repeat(TASKS, 1)
+    return x_spt, y_spt, x_qry, y_qry
+
+
+def meta_grad(maml, tasks):
+    loss, accs = maml.meta_loss(*tasks)
+    return loss, flat(torch.autograd.grad(loss, list(maml.net.parameters()))), accs
+
+
+def flat(grads):
+    return torch.cat([g.reshape(-1) for g in grads])
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+class ListLoader:
+    """A stand-in episode source with the sampler-state interface of the loaders."""
+
+    def __init__(self):
+        self.tasks, self.calls = make_tasks(), 0
+
+    def next(self):
+        self.calls += 1
+        return self.tasks
+
+    def state_dict(self):
+        return {'calls': self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state['calls']
+
+
+def fit_args(save_dir, epoch, resume=None, **flags):
+    """What parse_args gives the loop, for the float64 stand-in problem above."""
+    args = argparse.Namespace(epoch=epoch, task_num=3, n_way=4, k_spt=2, k_qry=3, log_every=2, eval_every=2,
+                              eval_tasks=3, save_dir=str(save_dir), keep=2, resume=resume, resume_ckpt=None,
+                              time_budget=None)
+    if resume:
+        args.resume_ckpt = load_checkpoint(resume)
+    vars(args).update(flags)
+    return args
+
+
+def run_fit(save_dir, epoch, resume=None, maml=None, loader=None):
+    maml, loader = maml or make_meta(), loader or ListLoader()
+    run = fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(),
+              fit_args(save_dir, epoch, resume))
+    run.close()
+    return maml, loader
 
 
 def shared_data(name):

@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import bench
+from conftest import REPO, make_meta, make_tasks
 from learner import Learner
 from reference import per_task_meta_loss, reference_step, seed_forward, seed_network, seed_step
-from conftest import REPO
 from roofline import ByteCount, ConvolutionReplay, FlopCount, PassCount
-from test_meta import make_meta, make_tasks
 
 
 @pytest.mark.parametrize('first_order', [False, True])

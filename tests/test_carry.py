@@ -10,8 +10,8 @@ import pytest
 
 import carry
 from conftest import REPO, shared_miniimagenet
-from errors import DamagedError, FlagError, MissingError
-from MiniImagenet import read_split
+from maml.errors import DamagedError, FlagError, MissingError
+from maml.folder import read_split
 
 VAL = ['images_val.tar.gz', 'val.csv']   # 32 MB: three parts of at most 12 MB
 

@@ -1,18 +1,18 @@
 """Checkpoints and resume: round trips, top-k, and every way a run could lose or corrupt its files."""
-import argparse
 import csv
 import os
 
 import pytest
 import torch
 
-import checkpoints
-from checkpoints import RunDir, atomic_save
-from errors import DamagedError, FlagError, MissingError, RunError
-from flags import make_parser, parse_args
-from meta import Meta, load_checkpoint
-from test_meta import make_meta, make_tasks
-from trainer import available_device, fit
+from conftest import ListLoader, fit_args, make_meta, make_tasks, run_fit
+from maml import checkpoints
+from maml.checkpoints import RunDir, atomic_save, load_checkpoint
+from maml.devices import available_device
+from maml.errors import DamagedError, FlagError, MissingError, RunError
+from maml.flags import make_parser, parse_args
+from maml.trainer import fit
+from meta import Meta
 
 
 def test_round_trip_rebuilds_an_identical_model(tmp_path):
@@ -123,42 +123,6 @@ def test_a_second_run_cannot_write_into_a_locked_folder(tmp_path):
         RunDir(str(tmp_path), keep=2)
     first.close()
     RunDir(str(tmp_path), keep=2).close()
-
-
-class ListLoader:
-    """A stand-in episode source with the sampler-state interface of the loaders."""
-
-    def __init__(self):
-        self.tasks, self.calls = make_tasks(), 0
-
-    def next(self):
-        self.calls += 1
-        return self.tasks
-
-    def state_dict(self):
-        return {'calls': self.calls}
-
-    def load_state_dict(self, state):
-        self.calls = state['calls']
-
-
-def fit_args(save_dir, epoch, resume=None, **flags):
-    """What parse_args gives the loop, for the float64 stand-in problem of test_meta."""
-    args = argparse.Namespace(epoch=epoch, task_num=3, n_way=4, k_spt=2, k_qry=3, log_every=2, eval_every=2,
-                              eval_tasks=3, save_dir=str(save_dir), keep=2, resume=resume, resume_ckpt=None,
-                              time_budget=None)
-    if resume:
-        args.resume_ckpt = load_checkpoint(resume)
-    vars(args).update(flags)
-    return args
-
-
-def run_fit(save_dir, epoch, resume=None, maml=None, loader=None):
-    maml, loader = maml or make_meta(), loader or ListLoader()
-    run = fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(),
-              fit_args(save_dir, epoch, resume))
-    run.close()
-    return maml, loader
 
 
 def test_resume_continues_where_it_stopped_and_a_fresh_run_never_overwrites(tmp_path):

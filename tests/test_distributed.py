@@ -8,12 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-import distributed
-import trainer
-from checkpoints import read_metrics
-from errors import FlagError, MissingError, RunError
-from test_checkpoints import ListLoader, fit_args
-from test_meta import TASKS, flat, make_meta, make_tasks, rel_err
+from conftest import TASKS, ListLoader, fit_args, flat, make_meta, make_tasks, rel_err
+from maml import distributed, trainer
+from maml.checkpoints import read_metrics
+from maml.errors import FlagError, MissingError, RunError
 
 RANKS = 2
 LIMIT_S = 300   # a rank waiting for one that never comes would otherwise hang the suite

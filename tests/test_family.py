@@ -1,14 +1,14 @@
-"""The MAML family (family.py options of meta.py's engine) against independent float64 references."""
+"""The MAML family (maml/family.py options of meta.py's engine) against independent float64 references."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from errors import FlagError
-from family import MAMLPP, msl_weights
+from conftest import CONFIG, SIDE, TASKS, flat, make_tasks, rel_err
+from maml.errors import FlagError
+from maml.family import MAMLPP, msl_weights
 from meta import Meta
-from test_meta import CONFIG, SIDE, TASKS, flat, make_tasks, rel_err
 
 LR, STEPS = 0.25, 2   # a learning rate that float32, where learned ones start, holds exactly
 
@@ -238,7 +238,7 @@ def test_contradictory_options_are_named(options, problem):
 
 
 def test_the_training_flags_reach_meta_and_cosine_anneals_over_epoch():
-    from flags import make_parser, parse_args
+    from maml.flags import make_parser, parse_args
     args = parse_args(make_parser('test', 'omniglot', 'data'), 'omniglot', [
         '--epoch', '40', '--algo', 'anil', '--msl_steps', '7', '--lslr', '--bnwb', '--bnrs', '--cosine',
         '--min_meta_lr', '1e-4'])
@@ -251,7 +251,8 @@ def test_the_training_flags_reach_meta_and_cosine_anneals_over_epoch():
 
 def test_a_resumed_mamlpp_run_continues_exactly_as_an_uninterrupted_one(tmp_path):
     from test_checkpoints import ListLoader, fit_args
-    from trainer import fit
+
+    from maml.trainer import fit
     options = {**MAMLPP, 'update_step': STEPS, 'update_step_test': 3, 'msl_steps': 3, 'total_steps': 4}
 
     def run(save_dir, epoch, resume=None):

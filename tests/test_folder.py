@@ -1,5 +1,5 @@
 """
-folder.py on real images: its three layouts, Omniglot's extracted tree decoded exactly as
+maml/folder.py on real images: its three layouts, Omniglot's extracted tree decoded exactly as
 omniglotNShot decodes it, mini-ImageNet's CSV layout decoded to its very cache, the image formats
 and modes it reads, the cache key, the pixel statistics, and each kind of bad data ending in its
 one sentence.
@@ -18,9 +18,9 @@ from PIL import Image
 
 import omniglotNShot
 from conftest import class_folders, miniimagenet_classes, shared_miniimagenet, unpacked_split
-from folder import SPLITS, ImageFolder
-from imagecache import ImageFormat
-from MiniImagenet import MiniImagenetCache, image_format
+from maml.folder import SPLITS, ImageFolder
+from maml.imagecache import ImageFormat, miniimagenet_format
+from MiniImagenet import MiniImagenetCache
 
 RGB32 = ImageFormat(3, 32, 'bilinear', None, None)   # mean and std: the train classes'
 
@@ -79,7 +79,7 @@ def test_the_csv_layout_is_miniimagenets_and_decodes_to_its_very_cache(tmp_path)
     folder = ImageFolder(root, tmp_path / 'cache')
     names, which = folder.evaluation_classes('val')
     assert folder.layout == 'csv' and names == labels and which.endswith('val.csv')
-    samplers, _ = folder.samplers({'val': names}, image_format(84), 'cpu', seed=9)
+    samplers, _ = folder.samplers({'val': names}, miniimagenet_format(84), 'cpu', seed=9)
     mini = MiniImagenetCache(str(root), 'val', seed=9, cache_dir=str(tmp_path / 'mini-cache'))
     assert torch.equal(samplers['val'].images, mini.images)
     assert all(torch.equal(a, b) for a, b in zip(samplers['val'].sample(3, 5, 1, 4), mini.sample(3, 5, 1, 4)))

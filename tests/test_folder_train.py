@@ -22,12 +22,12 @@ import folder_train
 import omniglot_train
 import omniglotNShot
 from conftest import REPO, class_folders, miniimagenet_classes
-from errors import UserError
-from folder import checkpoint_format, find_classes
-from flags import parse_args
-from imagecache import normalize
+from maml.errors import UserError
+from maml.flags import parse_args
+from maml.folder import checkpoint_format, find_classes
+from maml.imagecache import normalize
+from maml.trainer import plain_dict
 from meta import Meta
-from trainer import plain_dict
 
 # the smallest run that goes through everything: 2 meta-steps, one evaluation, the test report
 TINY = ['--epoch', '2', '--eval_every', '2', '--log_every', '1', '--imgsz', '16', '--num_filters', '8',

@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from conftest import make_meta, make_tasks, meta_grad
 from learner import Learner, batch_norm, conv2d_matmul, max_pool2d
-from test_meta import make_meta, make_tasks, meta_grad
 
 EVERY_LAYER = [
     ('conv2d', [4, 3, 3, 3, 1, 1]), ('bn', [4]), ('leakyrelu', [0.2, True]),

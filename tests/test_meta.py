@@ -1,5 +1,4 @@
 """Meta-gradients of the vectorised learner against independent float64 references."""
-import argparse
 import os
 import platform
 import subprocess
@@ -11,30 +10,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from conftest import CONFIG, SIDE, TASKS, flat, make_meta, make_tasks, meta_grad, rel_err
 from meta import Meta
 from reference import per_task_meta_loss
-
-TASKS, N_WAY, K_SPT, K_QRY, SIDE = 3, 4, 2, 3, 12
-CONFIG = [('conv2d', [6, 1, 3, 3, 2, 1]), ('bn', [6]), ('relu', [True]),
-          ('conv2d', [6, 6, 3, 3, 2, 1]), ('bn', [6]), ('relu', [True]),
-          ('flatten', []), ('linear', [N_WAY, 6 * 3 * 3])]
-
-
-def make_meta(update_step=3, first_order=False, seed=0):
-    args = argparse.Namespace(update_lr=0.3, meta_lr=1e-3, n_way=N_WAY, k_spt=K_SPT, k_qry=K_QRY,
-                              task_num=TASKS, update_step=update_step, update_step_test=4, imgc=1,
-                              imgsz=SIDE, first_order=first_order)
-    torch.manual_seed(seed)
-    return Meta(args, CONFIG).double()
-
-
-def make_tasks(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x_spt = torch.randn(TASKS, N_WAY * K_SPT, 1, SIDE, SIDE, generator=g, dtype=torch.float64)
-    x_qry = torch.randn(TASKS, N_WAY * K_QRY, 1, SIDE, SIDE, generator=g, dtype=torch.float64)
-    y_spt = torch.arange(N_WAY).repeat_interleave(K_SPT).repeat(TASKS, 1)
-    y_qry = torch.arange(N_WAY).repeat_interleave(K_QRY)[torch.randperm(N_WAY * K_QRY, generator=g)].repeat(TASKS, 1)
-    return x_spt, y_spt, x_qry, y_qry
 
 
 def reference_net(x, w):
@@ -51,19 +29,6 @@ def reference_meta_grad(maml, tasks, first_order):
     loss, _ = per_task_meta_loss(reference_net, theta, tasks, maml.update_lr, maml.update_step,
                                  create_graph=not first_order)
     return loss, flat(torch.autograd.grad(loss, theta))
-
-
-def meta_grad(maml, tasks):
-    loss, accs = maml.meta_loss(*tasks)
-    return loss, flat(torch.autograd.grad(loss, list(maml.net.parameters()))), accs
-
-
-def flat(grads):
-    return torch.cat([g.reshape(-1) for g in grads])
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize('update_step', [1, 3])

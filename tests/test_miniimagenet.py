@@ -19,13 +19,15 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-import imagecache
 import MiniImagenet as mi
 from conftest import shared_miniimagenet, unpacked_split
+from maml import imagecache
+from maml.folder import read_split
+from maml.imagecache import IMAGENET_MEAN, IMAGENET_STD
 from MiniImagenet import MiniImagenet, MiniImagenetCache, check_splits
 
-MEAN = torch.tensor(mi.IMAGENET_MEAN).view(3, 1, 1)
-STD = torch.tensor(mi.IMAGENET_STD).view(3, 1, 1)
+MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+STD = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
 
 def wnid(c):
@@ -277,10 +279,10 @@ both_paths = pytest.mark.parametrize('make', [make_dataset, make_cache], ids=['d
 
 @both_paths
 def test_missing_root_csv_or_images_folder_say_how_to_get_the_data(make, root):
-    with pytest.raises(FileNotFoundError, match=r"does not exist; get the mini-ImageNet data .*root/images/\*\.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist; get mini-ImageNet .*root/images/\*\.jpg"):
         make(root.parent / 'nowhere')
     os.rename(root / 'train.csv', root / 'other.csv')
-    with pytest.raises(FileNotFoundError, match=r"has no train\.csv; get the mini-ImageNet data"):
+    with pytest.raises(FileNotFoundError, match=r"has no train\.csv; get mini-ImageNet "):
         make(root)
     os.rename(root / 'other.csv', root / 'train.csv')
     os.rename(root / 'images', root / 'jpgs')
@@ -374,7 +376,7 @@ def val_subset(tmp_path_factory):
     """6 of the 16 val classes, all 600 images each, with the real images (linked) and CSV rows."""
     source = shared_miniimagenet()
     full = unpacked_split(source, 'val')
-    assert len(mi.read_split(str(full), 'val')['filenames']) == 9600   # every row resolves
+    assert len(read_split(str(full), 'val')['filenames']) == 9600   # every row resolves
     root = tmp_path_factory.mktemp('val-subset')
     (root / 'images').symlink_to(full / 'images')
     lines = (full / 'val.csv').read_text().splitlines()
@@ -410,7 +412,7 @@ def test_real_val_split_builds_reloads_and_samples_its_own_classes(val_subset, m
     # decoded and normalised as the seed's Resize, ToTensor and Normalize would
     seed_transform = lambda resize: transforms.Compose([
         lambda path: Image.open(path).convert('RGB'), transforms.Resize((resize, resize)),
-        transforms.ToTensor(), transforms.Normalize(mi.IMAGENET_MEAN, mi.IMAGENET_STD)])
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     for resize in (84, 60):
         scale, shift = mi.normalizer('imagenet', 'cpu')
         for path in db.filenames[:3]:

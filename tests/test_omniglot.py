@@ -17,7 +17,7 @@ from PIL import Image
 
 import omniglotNShot
 from conftest import shared_data
-from episodes import draw_group_tasks, group_table
+from maml.episodes import draw_group_tasks, group_table
 from omniglotNShot import DRAWINGS, OmniglotNShot, fetch_archives
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from flags import parse_args
+from maml.flags import parse_args
 from meta import Meta
 from omniglot_train import build_parser, make_loader
 

@@ -1,11 +1,11 @@
-"""The paper presets are the official code's README commands, translated by the rules of presets.py."""
+"""The paper presets are the official code's README commands, translated by the rules of maml/presets.py."""
 import pytest
 
-from presets import PRESETS
 import folder_train
 import miniimagenet_train
 import omniglot_train
-from flags import parse_args
+from maml.flags import parse_args
+from maml.presets import PRESETS
 
 # cbfinn/maml README (../shared/REFERENCE.md): every command runs 60,000 meta-iterations; the
 # official loss is n_way times a mean cross-entropy's, so update_lr here = official update_lr * n_way.

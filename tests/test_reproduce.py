@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO
-from errors import FlagError
 import reproduce
+from conftest import REPO
+from maml.errors import FlagError
 
 TINY = ['--task_num', '2', '--num_filters', '8', '--log_every', '2', '--eval_every', '2', '--eval_tasks', '20',
         '--test_tasks', '20']

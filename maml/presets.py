@@ -19,7 +19,12 @@ per-layer per-step inner rates, per-step batch-norm weights, cosine-annealed met
 steps; without per-step running statistics, which its official code never evaluates with) on the tasks its paper reports: Omniglot 20-way 1-shot with meta-batch 8,
 mini-ImageNet 5-way 1-shot with meta-batch 2 and 48 filters, 50,000 meta-steps each.
 """
-from family import MAMLPP
+from .family import MAMLPP, OPTIONS
+
+# Meta's hyperparameters, with their defaults: the seed's Omniglot settings and the family's options
+# off. A checkpoint stores them (with the network's input shape, imgc and imgsz) to rebuild its Meta.
+HPARAMS = dict(update_lr=0.4, meta_lr=1e-3, update_step=5, update_step_test=10, first_order=False, grad_clip=0.0,
+               amp=False, **OPTIONS)
 
 OMNIGLOT = dict(epoch=40000, n_way=5, k_spt=1, k_qry=15, k_qry_test=None, imgsz=28, task_num=32,
                 meta_lr=1e-3, update_lr=0.4, update_step=5, update_step_test=10, num_filters=64,

@@ -29,11 +29,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from episodes import draw_tasks, set_generator_state, to_device
-from errors import DamagedError, FlagError, RunError
-from scratch import remove_orphans
+from .episodes import draw_tasks, set_generator_state, to_device
+from .errors import DamagedError, FlagError, RunError
+from .scratch import remove_orphans
 
 RESAMPLING = ('bilinear', 'binary', 'lanczos')
+OMNIGLOT_RESAMPLING = {'official': 'binary', 'greyscale': 'lanczos'}   # omniglotNShot's --preprocess choices
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PIXEL_NORMS = ('imagenet', 'unit')   # mini-ImageNet's --pixel_norm choices
 # what PIL raises on a file that is not an image, or is cut short or damaged
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 DECODE_CHUNK = 512      # most images per decoder job: enough that hand-offs cost little
@@ -82,9 +86,14 @@ class ImageFormat(NamedTuple):
         return f"{'grey' if self.channels == 1 else 'RGB'} {self.size}x{self.size} ({self.resample})"
 
 
-def check_resample(resample):
-    if resample not in RESAMPLING:
-        raise FlagError(f"resample={resample!r} is not one of {', '.join(map(repr, RESAMPLING))}; pick one of those.")
+def miniimagenet_format(resize, pixel_norm='imagenet'):
+    """How mini-ImageNet's images become the network's input: RGB, resized like the seed (PIL
+    bilinear, antialiased), normalised by `pixel_norm`."""
+    if pixel_norm not in PIXEL_NORMS:
+        raise FlagError(f"pixel_norm={pixel_norm!r} is not one of {', '.join(map(repr, PIXEL_NORMS))}; "
+                        f"pick one of those.")
+    stats = (IMAGENET_MEAN, IMAGENET_STD) if pixel_norm == 'imagenet' else ((0.0,) * 3, (1.0,) * 3)
+    return ImageFormat(3, resize, 'bilinear', *stats)
 
 
 def normalize(x, scale, shift):

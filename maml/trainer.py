@@ -16,14 +16,17 @@ import os
 import sys
 import time
 
-from scipy.special import stdtrit   # Student t quantiles; scipy.stats would add 1.2 s to every start
 import torch
+from scipy.special import stdtrit  # Student t quantiles; scipy.stats would add 1.2 s to every start
 from tqdm import tqdm
 
-import distributed
-from checkpoints import RunDir, atomic_save
-from errors import FlagError, RunError, UserError
-from meta import Meta, load_checkpoint, tune_cpu
+from . import distributed
+from .checkpoints import RunDir, atomic_save, load_checkpoint
+from .devices import available_device, device_name, tune
+from .errors import FlagError, RunError, UserError
+
+EVAL_SEED = 12345   # the tasks of every evaluation of a run and of its test report, so that checkpoints compare on equal terms
+
 
 def setup_device(args):
     """The torch.device of --device, seeded; on CUDA with the cuDNN autotuner and TF32 on. Under
@@ -36,39 +39,6 @@ def setup_device(args):
     torch.manual_seed(args.seed)
     tune(device)
     return device
-
-
-def available_device(name):
-    """torch.device(name), refused in one sentence when it is a GPU this machine lacks."""
-    device = torch.device(name)
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        raise FlagError(f"--device {name} was asked for but this machine has no CUDA GPU; use --device cpu.")
-    return device
-
-
-def tune(device):
-    """The speed settings of `device`'s kind: tune_cuda or tune_cpu."""
-    if device.type == 'cuda':
-        tune_cuda()
-    else:
-        tune_cpu()
-
-
-def tune_cuda():
-    """cuDNN picks the fastest convolution algorithm per shape; fp32 matmuls and convolutions use TF32.
-    The autotuner chooses afresh in each process, some algorithms are non-deterministic, so a run
-    resumed on CUDA is not bit for bit the uninterrupted one (on the CPU it is)."""
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.set_float32_matmul_precision('high')   # TF32 for matmuls
-
-
-def device_name(device):
-    device = torch.device(device)
-    if device.type == 'cuda':
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"CPU ({threads} thread{'s' if threads > 1 else ''})"
 
 
 def mean_ci(accs):
@@ -261,21 +231,21 @@ def record(run, ckpt, row):
 
 
 def draw_learning_curve(folder):
-    """learning_curve.png beside metrics.csv, when matplotlib is installed (plot.py)."""
+    """learning_curve.png beside metrics.csv, when matplotlib is installed (curves.py)."""
     try:
-        import plot
+        from .curves import save
     except ImportError:
         return
-    plot.save([folder], os.path.join(folder, 'learning_curve.png'))
+    save([folder], os.path.join(folder, 'learning_curve.png'))
 
 
 def report_test(run, test_accs, n_tasks, device):
-    """Evaluate the selected model, best.pth, once on the test split: `test_accs(maml)` returns
-    accs [tasks, steps+1]. Prints the result and adds it to best.pth as test_acc and test_ci.
+    """Evaluate the selected model, best.pth, once on the test split: `test_accs(ckpt)` returns
+    accs [tasks, steps+1] of the model that checkpoint dict holds. Prints the result and adds it to best.pth as test_acc and test_ci.
     With several ranks, all evaluate their share of the tasks, and rank 0 writes."""
     best_path = run.path('best.pth')
     selected = distributed.load_shared_checkpoint(best_path, map_location=device)
-    mean, half = mean_ci(test_accs(Meta.from_state(selected)))
+    mean, half = mean_ci(test_accs(selected))
     if not distributed.is_main():
         return
     print(f"test acc of best.pth (step {selected['step']}, {selected['split']} acc {selected['acc']:.4f}): "

@@ -22,6 +22,7 @@ a CSV, or the whole root) is cached as one file, <cache_dir>/<root hash>/<part>_
 whose key hashes the decoding and every file's path, size and modification time: a folder that
 changed is decoded again, and the cache of its earlier state is removed.
 """
+import csv
 import hashlib
 import os
 
@@ -29,13 +30,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-import omniglotNShot
-from errors import DamagedError, FlagError, MissingError
-from imagecache import (SHOWN, UNREADABLE, ImageFormat, TaskSampler, cached_images, group_files, pixel_stats, place,
-                        select)
-from MiniImagenet import image_format as miniimagenet_format
-from MiniImagenet import read_split
-from presets import DEFAULTS
+from .errors import DamagedError, FlagError, MissingError
+from .imagecache import (
+    OMNIGLOT_RESAMPLING,
+    SHOWN,
+    UNREADABLE,
+    ImageFormat,
+    TaskSampler,
+    cached_images,
+    group_files,
+    miniimagenet_format,
+    pixel_stats,
+    place,
+    select,
+)
+from .presets import DEFAULTS
 
 IMAGE_EXTENSIONS = {'.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp'}
 SPLITS = ('train', 'val', 'test')
@@ -44,6 +53,48 @@ CACHE_HOME = os.path.join(os.environ.get('XDG_CACHE_HOME') or os.path.join(os.pa
 GREY_MODES = {'1', 'L', 'LA', 'La', 'I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'}
 LAYOUTS_HELP = "README, Your own data"
 UNDECODABLE_HELP = "replace those files with readable copies or delete them"
+
+
+# mini-ImageNet's layout; a folder of the user's own in this layout passes help texts of its own
+CSV_HEADER = ['filename', 'label']
+LAYOUT_HELP = ("get mini-ImageNet (Ravi & Larochelle split: its 84x84 JPEGs and the three split CSVs) and lay "
+               "it out as root/images/*.jpg and root/{train,val,test}.csv (docs/data.md)")
+MISSING_HELP = "put every image that {mode}.csv lists into root/images/"
+
+
+def read_split(root, mode, layout_help=LAYOUT_HELP, missing_help=MISSING_HELP):
+    """Read and check root/{mode}.csv against root/images/; the classes in order of first appearance.
+
+    Returns a dict: class_names [n_classes], filenames (all images, grouped by class), counts
+    [n_classes] (images per class), index_table [n_classes, max(counts)] (class, i) -> position in
+    filenames (padded with 0 past a class's count), csv_sha (sha256 hex of the CSV bytes).
+    The help texts say how to get the data (a folder of one's own in this layout passes its own).
+    """
+    csv_path, image_dir = os.path.join(root, f'{mode}.csv'), os.path.join(root, 'images')
+    if not os.path.isdir(root):
+        raise MissingError(f"MiniImagenet root '{root}' does not exist; {layout_help}.")
+    for path in (csv_path, image_dir):
+        if not os.path.exists(path):
+            raise MissingError(f"MiniImagenet root '{root}' has no {os.path.basename(path)}; {layout_help}.")
+    with open(csv_path, 'rb') as f:
+        csv_bytes = f.read()
+    rows = list(csv.reader(csv_bytes.decode('utf-8-sig').splitlines()))
+    if not rows or [field.strip() for field in rows[0]] != CSV_HEADER:
+        raise DamagedError(f"{csv_path} starts with {rows[0] if rows else 'nothing'}, not the header "
+                           f"'filename,label'; use the split CSVs of the mini-ImageNet release.")
+    by_class = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != 2:
+            raise DamagedError(f"line {line} of {csv_path} has {len(row)} fields, not 2 "
+                               f"(filename,label); fix or replace the CSV.")
+        by_class.setdefault(row[1], []).append(row[0])
+    present = set(os.listdir(image_dir))
+    missing = [name for names in by_class.values() for name in names if name not in present]
+    if missing:
+        raise MissingError(f"{len(missing)} of the images listed in {csv_path} are missing from "
+                           f"{image_dir} (first: {', '.join(missing[:3])}); {missing_help.format(mode=mode)}.")
+    split = group_files({label: [os.path.join(image_dir, name) for name in names] for label, names in by_class.items()})
+    return {**split, 'csv_sha': hashlib.sha256(csv_bytes).hexdigest()}
 
 
 def is_image(name):
@@ -318,5 +369,5 @@ def checkpoint_format(ckpt):
                         "folder_train.py, omniglot_train.py or miniimagenet_train.py wrote.")
     args = {**DEFAULTS[ckpt['args']['dataset']], **ckpt['args']}
     if args['dataset'] == 'omniglot':
-        return ImageFormat(1, args['imgsz'], omniglotNShot.RESAMPLING[args['preprocess']])
+        return ImageFormat(1, args['imgsz'], OMNIGLOT_RESAMPLING[args['preprocess']])
     return miniimagenet_format(args['imgsz'], args['pixel_norm'])

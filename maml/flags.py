@@ -15,9 +15,10 @@ import sys
 
 import torch
 
-from errors import FlagError
-from meta import load_checkpoint
-from presets import DEFAULTS, PRESETS
+from .checkpoints import load_checkpoint
+from .errors import FlagError
+from .family import ALGOS
+from .presets import DEFAULTS, HPARAMS, PRESETS
 
 # Flags a resumed run may change: where and how fast it runs, how long, how often it reports. Any
 # other flag defines the run, so it is taken from the checkpoint, and giving it another value is refused.
@@ -53,24 +54,24 @@ def make_parser(description, dataset, data_root):
     p.add_argument('--update_step_test', type=int, help='inner steps when evaluating')
     p.add_argument('--num_filters', type=int, help='channels of each conv layer')
     p.add_argument('--first_order', action='store_true', help='first-order MAML (no second derivatives)')
-    p.add_argument('--algo', default='maml', choices=['maml', 'anil', 'metasgd', 'reptile'],
+    p.add_argument('--algo', choices=ALGOS,
                    help='anil: adapt only the last layer; metasgd: learned per-weight inner rates; reptile: '
                         'meta-gradient theta - mean adapted weights (see family.py)')
-    p.add_argument('--msl_steps', type=int, default=0,
+    p.add_argument('--msl_steps', type=int,
                    help="MAML++ MSL: weight every inner step's query loss, annealed to the last over this many steps (0: off)")
-    p.add_argument('--da_steps', type=int, default=0,
+    p.add_argument('--da_steps', type=int,
                    help='MAML++ DA: first-order for this many meta-steps, then second-order (0: off)')
     p.add_argument('--lslr', action='store_true', help='MAML++ LSLR: learned inner rate per layer and step')
     p.add_argument('--bnwb', action='store_true', help='MAML++ BNWB: batch-norm weights and biases per inner step')
     p.add_argument('--bnrs', action='store_true',
                    help='MAML++ BNRS: per-step batch-norm running statistics, used in evaluation')
     p.add_argument('--cosine', action='store_true', help='MAML++ CA: cosine annealing of --meta_lr to --min_meta_lr')
-    p.add_argument('--min_meta_lr', type=float, default=1e-5, help='where --cosine ends')
+    p.add_argument('--min_meta_lr', type=float, help='where --cosine ends')
     p.add_argument('--total_steps', type=int, help='meta-steps that --cosine anneals over (default: --epoch)')
     p.add_argument('--compile', nargs='?', const='default', metavar='MODE',
                    help="torch.compile the meta-step; MODE 'reduce-overhead' adds CUDA graphs")
     p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA (fp32 master weights)')
-    p.add_argument('--grad_clip', type=float, default=0.0, help='clip the meta-gradient norm (0: off)')
+    p.add_argument('--grad_clip', type=float, help='clip the meta-gradient norm (0: off)')
     p.add_argument('--data', default=data_root, help='data root (see README, Data)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='torch device to train on: cpu, cuda, cuda:1, ...')
@@ -82,7 +83,7 @@ def make_parser(description, dataset, data_root):
     p.add_argument('--save_dir', default='checkpoints', help='folder of this run\'s checkpoints and metrics')
     p.add_argument('--keep', type=int, default=3, help='ranked checkpoints kept, best first')
     p.add_argument('--resume', help='checkpoint to continue from, e.g. checkpoints/last.pth')
-    p.set_defaults(**DEFAULTS[dataset])
+    p.set_defaults(**{**HPARAMS, **DEFAULTS[dataset]})
     return p
 
 

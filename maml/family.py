@@ -5,7 +5,7 @@ multi-step loss schedule, the extra meta-parameters, and Reptile's meta-gradient
     Meta(config, imgc=1, imgsz=28, **MAMLPP, total_steps=50000)  # MAML++ (Antoniou et al. 2019)
     Meta(config, imgc=1, imgsz=28, algo='anil')                   # or 'metasgd', 'reptile'
 
-Options (meta.DEFAULTS; all off by default, which is plain MAML):
+Options (OPTIONS, all off by default, which is plain MAML):
     algo         'maml'; 'anil' adapts only the last linear layer in the inner loop (Raghu et al.
                  2020); 'metasgd' learns an inner learning rate per weight (Li et al. 2017), starting
                  at update_lr; 'reptile' (Nichol et al. 2018) runs first-order inner SGD and takes
@@ -26,9 +26,11 @@ weight version, 0..update_step); evaluation with more steps (update_step_test) r
 import torch
 import torch.nn as nn
 
-from errors import FlagError
+from .errors import FlagError
 
 ALGOS = ('maml', 'anil', 'metasgd', 'reptile')
+OPTIONS = dict(algo='maml', msl_steps=0, da_steps=0, lslr=False, bnwb=False, bnrs=False, cosine=False, min_meta_lr=1e-5,
+               total_steps=None)   # total_steps None: the run's --epoch
 BN_MOMENTUM = 0.1   # as nn.BatchNorm2d
 MSL_FLOOR = 0.03    # MAML++'s floor of each non-final step's weight, times the number of steps
 

@@ -21,17 +21,19 @@ what an uncommitted evaluation left. Every file goes through a temporary name, f
 import csv
 import fcntl
 import os
+import pickle
 import re
 import shutil
 
 import torch
 from torch.utils._pytree import tree_flatten
 
-from errors import DamagedError, RunError
-from meta import load_checkpoint
+from .errors import DamagedError, FlagError, MissingError, RunError
 
 RANKED = re.compile(r'^maml_step(\d+)_acc(\d+\.\d+)\.pth$')
 OWN_TEMPORARY = re.compile(r'^(best\.pth|last\.pth|metrics\.csv|maml_step\d+_acc\d+\.\d+\.pth)\.tmp$')
+# what torch.load's RuntimeErrors say when the archive itself is cut short or corrupt
+ARCHIVE_DAMAGE = ('PytorchStreamReader', 'inline_container', 'zip archive')
 
 
 def atomic_save(obj, path):
@@ -41,6 +43,41 @@ def atomic_save(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + '.tmp', path)
+
+
+def damaged(path, error):
+    return DamagedError(f"Checkpoint {path} cannot be read ({type(error).__name__}); the file is damaged "
+                        f"or not a MAML checkpoint, so load another one such as best.pth.")
+
+
+def load_checkpoint(path, map_location=None):
+    """torch.load with weights_only=True, and one clear sentence for a missing or damaged file.
+    On a machine without CUDA, tensors saved on a GPU are loaded onto the CPU."""
+    if map_location is None and not torch.cuda.is_available():
+        map_location = 'cpu'
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise MissingError(f"Checkpoint {path} does not exist; check the path.") from None
+    except IsADirectoryError:
+        raise MissingError(f"{path} is a folder, not a checkpoint; pass a .pth file in it, such as "
+                           f"{os.path.join(path, 'best.pth')}.") from None
+    except PermissionError:
+        raise MissingError(f"Checkpoint {path} cannot be opened by this user (permission denied); "
+                           f"change its permissions or copy it.") from None
+    except RuntimeError as e:
+        if 'deserialize object on' in str(e):   # saved on a GPU this machine does not have
+            raise FlagError(f"Checkpoint {path} holds tensors saved on a GPU this machine lacks ({e}); "
+                            f"load it with map_location='cpu' or onto a GPU you have, e.g. 'cuda:0'.") from None
+        if not any(sign in str(e) for sign in ARCHIVE_DAMAGE):
+            raise   # out of memory, a bug: not the file's fault, so the traceback stays
+        raise damaged(path, e) from None
+    except (pickle.UnpicklingError, EOFError, KeyError, OSError) as e:
+        raise damaged(path, e) from None
+    if not isinstance(ckpt, dict) or not {'model', 'config', 'hparams'} <= ckpt.keys():
+        raise DamagedError(f"Checkpoint {path} is not a MAML checkpoint of this project (it lacks "
+                           f"model/config/hparams); load one written by the training scripts.")
+    return ckpt
 
 
 def check_finite(ckpt, step):

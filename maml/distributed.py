@@ -27,8 +27,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from errors import FlagError, RunError, UserError
-from meta import load_checkpoint
+from .checkpoints import load_checkpoint
+from .errors import FlagError, RunError, UserError
 
 RANK_SEED_STRIDE = 1_000_003   # rank r's stream is seeded --seed + r * this, far from the loaders' seed + i
 BUCKET_BYTES = 32 << 20        # gradients are all-reduced in flat buffers of at most this size
@@ -53,11 +53,6 @@ def is_main():
     """Whether this process speaks for the run: rank 0, or before the process group exists, the
     process torchrun started as rank 0 (so that a bad flag is reported once, not once per rank)."""
     return rank() == 0 and os.environ.get('RANK', '0') == '0'
-
-
-def device():
-    """The device of this rank's collectives: its training device (set by init)."""
-    return _device
 
 
 def init(device):
