@@ -1,22 +1,23 @@
 """
-Data for a lent GPU machine, which sees only the working tree (at most 64 MiB a call) and the
-ignored paths a `run` call carries (README, GPU plan).
+Move data to a CUDA machine: the inputs of gpu/plan.py's checks, and a data set in checksummed parts.
+The parts fit a transfer that bounds the size of a file or an upload; they are joined there whole.
 
-    python gpu/carry.py prepare                     # here: the Omniglot cache and a mini-ImageNet sample
-    python gpu/carry.py split ../shared/data/miniimagenet .gpu/parts     # here: parts of at most 60 MB
-    python gpu/carry.py keep .gpu/parts/2 .gpu/kept                      # there, one call per part
-    python gpu/carry.py join .gpu/kept data/miniimagenet                 # there, before anything trains
+    python gpu/carry.py prepare                                       # the Omniglot cache, a mini-ImageNet sample
+    python gpu/carry.py split ../shared/data/miniimagenet .gpu/parts  # parts of at most 60 MB
+    python gpu/carry.py keep .gpu/parts/2 .gpu/kept                   # on the CUDA machine, as each part arrives
+    python gpu/carry.py join .gpu/kept data/miniimagenet              # there, once all have arrived
 
-prepare makes what the GPU plan carries: data/omniglot/omniglot_28_official.pt (decoded from the
-official zips, copied from the shared data folder when data/omniglot has neither) and
-.gpu/mini-sample/, a few real classes of each mini-ImageNet split in the loader's layout.
+prepare makes what gpu/plan.py's checks read: data/omniglot/omniglot_28_official.pt (decoded from
+the official zips, copied from $MAML_DATA/omniglot, default ../shared/data beside the repository,
+when data/omniglot has neither) and .gpu/mini-sample/, a few real classes of each mini-ImageNet
+split in the loader's layout; both are small enough to copy with the repository.
 
-mini-ImageNet's 197 MB of archives do not fit one call, so `split` cuts the files listed in the
-source's SHA256SUMS (each checked against it first) into consecutive parts of at most --max-mb MB
-(refused when a part and this checkout's working tree exceed the 64 MiB a call sends), one folder
-per part (<dest>/1/, <dest>/2/, ...), each with manifest.json: every part's and every whole file's
-size and SHA-256. Each call carries one part folder; `keep` checks the part and moves
-it into a folder the calls do not carry, which the machine keeps while it stays warm between calls.
+`split` cuts the files listed in the source's SHA256SUMS (each checked against it first) into
+consecutive parts of at most --max-mb MB, one folder per part (<dest>/1/, <dest>/2/, ...), each
+with manifest.json: every part's and every whole file's size and SHA-256. Where each upload also
+holds other files (the repository, say), leave room for them in --max-mb. On the CUDA machine
+`keep` checks a part folder as it arrives and moves its part into the folder of kept parts, so
+that a part damaged on the way is sent again at once and the next part can arrive in the same place.
 `join` checks every part's checksum, rebuilds and checks every whole file, unpacks the archives and
 lays out <dest>/images/*.jpg and the CSVs, checks that every CSV row has its image, and only then
 renames the result into place: <dest> appears whole or not at all.
@@ -27,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 
@@ -47,14 +47,15 @@ SAMPLE_CLASSES, SAMPLE_PER_CLASS = 5, 20   # per split: enough for the plan's 5-
 MANIFEST, SUMS = 'manifest.json', 'SHA256SUMS'
 ARCHIVE_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
 BLOCK = 1 << 20
-CALL_BYTES = 64 << 20   # what one run call sends: the working tree and what it carries
 
 
 def format_mb(n_bytes):
+    """n_bytes in MB of 10^6 bytes, as --max-mb counts them."""
     return f'{n_bytes / 1e6:.1f} MB'
 
 
 def sha256(path):
+    """The SHA-256 of the file at path, as hex."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         while block := f.read(BLOCK):
@@ -71,6 +72,7 @@ def staged(dest, what):
 
 
 def refuse_existing(dest):
+    """Raise one sentence if dest exists: nothing is laid out over an earlier result."""
     if os.path.exists(dest):
         raise FlagError(f"{dest} already exists; delete it or pass another destination, so that nothing "
                         f"in it is overwritten.")
@@ -79,7 +81,7 @@ def refuse_existing(dest):
 # prepare -------------------------------------------------------------------------------------------
 
 def prepare(shared):
-    """The Omniglot cache and the mini-ImageNet sample the GPU plan carries; returns their paths."""
+    """The Omniglot cache and the mini-ImageNet sample gpu/plan.py's checks read; returns their paths."""
     cache = os.path.join(OMNIGLOT_ROOT, 'omniglot_28_official.pt')
     if not os.path.exists(cache) and not all(os.path.exists(os.path.join(OMNIGLOT_ROOT, z)) for z in OMNIGLOT_ZIPS):
         os.makedirs(OMNIGLOT_ROOT, exist_ok=True)
@@ -111,6 +113,7 @@ def sample_miniimagenet(source, dest, n_classes=SAMPLE_CLASSES, per_class=SAMPLE
 
 
 def sample_split(source, mode, dest, n_classes, per_class):
+    """dest/images/ and dest/<mode>.csv of one split: its first n_classes classes, per_class images each."""
     with open(os.path.join(source, f'{mode}.csv'), newline='') as f:
         header, *rows = list(csv.reader(f))
     by_class = {}
@@ -141,7 +144,7 @@ def listed_files(source):
     sums = os.path.join(source, SUMS)
     if not os.path.isfile(sums):
         raise MissingError(f"{source} has no {SUMS}, which names the files to split and their checksums; "
-                           f"split the data set's own folder.")
+                           f"split the data set's own folder, or write one there with `sha256sum FILE ... > {SUMS}`.")
     with open(sums) as f:
         return [(name.lstrip('*'), digest) for digest, name in (line.split(None, 1) for line in f.read().split('\n')
                                                                 if line.strip())]
@@ -163,6 +166,7 @@ class PartWriter:
         self.parts, self.file, self.digest = [], None, None
 
     def write(self, data):
+        """Append data, starting a new part whenever the current one is full."""
         while data:
             if self.file is None or self.file.tell() == self.max_bytes:
                 self._next()
@@ -172,6 +176,7 @@ class PartWriter:
             data = data[room:]
 
     def _next(self):
+        """Close the current part and open the next one, in a folder of its own."""
         self.close()
         k = len(self.parts) + 1
         os.makedirs(os.path.join(self.folder, str(k)))
@@ -188,24 +193,12 @@ class PartWriter:
         return self.parts
 
 
-def working_tree_bytes():
-    """The size of what a run call sends besides what it carries: this checkout's files that git
-    does not ignore (0 outside a git checkout)."""
-    listed = subprocess.run(['git', '-C', REPO, 'ls-files', '-z', '--cached', '--others', '--exclude-standard'],
-                            capture_output=True)
-    paths = [os.path.join(REPO, p) for p in listed.stdout.decode().split('\0') if p] if listed.returncode == 0 else []
-    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
-
-
 def split(source, dest, max_mb=60, names=None):
     """Cut the files of source/SHA256SUMS (or those of them named), each checked against it, into
     parts of at most max_mb MB under dest/1/, dest/2/, ...; returns the manifest."""
-    max_bytes, tree = int(max_mb * 1e6), working_tree_bytes()
+    max_bytes = int(max_mb * 1e6)
     if max_bytes < 1:
-        raise FlagError(f"--max-mb {max_mb} gives no room for a part; pass a positive size such as 60.")
-    if max_bytes + tree > CALL_BYTES:
-        raise FlagError(f"a part of {max_mb:g} MB and this checkout's {format_mb(tree)} working tree exceed the "
-                        f"64 MiB a call sends; pass --max-mb {int((CALL_BYTES - tree) / 1e6) - 1} or less.")
+        raise FlagError(f"--max-mb {max_mb:g} gives no room for a part; pass a positive size such as 60.")
     listed = dict(listed_files(source))
     unknown = [n for n in names or () if n not in listed]
     if unknown:
@@ -237,10 +230,11 @@ def split(source, dest, max_mb=60, names=None):
 
 
 def read_manifest(folder, what):
+    """folder's manifest.json, or one sentence saying that folder is not `what` and what to pass instead."""
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         raise MissingError(f"{folder} holds no {MANIFEST}, so it is not {what}; " + (
-            "carry a part folder made by `python gpu/carry.py split`." if what == 'a part folder' else
+            "pass a part folder made by `python gpu/carry.py split`." if what == 'a part folder' else
             "keep each part there first with `python gpu/carry.py keep`."))
     with open(path) as f:
         return json.load(f)
@@ -249,14 +243,14 @@ def read_manifest(folder, what):
 def check_part(manifest, k, path):
     """Raise one sentence unless part k (1-based) of the manifest is at path, whole."""
     entry, n = manifest['parts'][k - 1], len(manifest['parts'])
-    carry_again = f"carry {manifest['split_into']}/{k} again and keep it with `python gpu/carry.py keep`"
+    send_again = f"send {manifest['split_into']}/{k} again and keep it with `python gpu/carry.py keep`"
     if not os.path.isfile(path):
         raise MissingError(f"part {k} of {n} ({entry['name']}) is missing from {os.path.dirname(path)}; "
-                           f"{carry_again.replace(' again', '')}.")
+                           f"{send_again.replace(' again', '')}.")
     got = sha256(path)
     if got != entry['sha256']:
         raise DamagedError(f"part {k} of {n} ({path}) has SHA-256 {got[:16]}..., not the manifest's "
-                           f"{entry['sha256'][:16]}...: it was damaged on the way; delete it, then {carry_again}.")
+                           f"{entry['sha256'][:16]}...: it was damaged on the way; delete it, then {send_again}.")
 
 
 def keep(part_folder, kept):
@@ -267,7 +261,7 @@ def keep(part_folder, kept):
     here = [name for name in os.listdir(part_folder) if name in names]
     if len(here) != 1:
         raise MissingError(f"{part_folder} holds {len(here)} of the parts its manifest lists instead of one; "
-                           f"carry one part folder made by `python gpu/carry.py split`.")
+                           f"pass one part folder made by `python gpu/carry.py split`.")
     k = names.index(here[0]) + 1
     check_part(manifest, k, os.path.join(part_folder, here[0]))
     os.makedirs(kept, exist_ok=True)
@@ -354,15 +348,17 @@ def in_place(manifest, dest):
 
 
 def main(argv=None):
+    """The four commands: prepare, split, keep, join."""
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     sub = p.add_subparsers(dest='command', required=True)
-    sub.add_parser('prepare', help='the Omniglot cache and a mini-ImageNet sample, for the GPU plan')
+    sub.add_parser('prepare', help="the Omniglot cache and a mini-ImageNet sample that gpu/plan.py's checks read")
     s = sub.add_parser('split', help="cut a data set's files into parts")
     s.add_argument('source', help='a folder with SHA256SUMS, e.g. ../shared/data/miniimagenet')
     s.add_argument('dest', help='folder of the parts, e.g. .gpu/parts (must not exist)')
-    s.add_argument('--max-mb', type=float, default=60, help='largest part, in MB of 10^6 bytes')
+    s.add_argument('--max-mb', type=float, default=60,
+                   help='largest part, in MB of 10^6 bytes, for a transfer that bounds the size of a file or upload')
     s.add_argument('--files', nargs='+', help='only these files of SHA256SUMS')
-    k = sub.add_parser('keep', help='check a carried part and move it into the kept folder')
+    k = sub.add_parser('keep', help='check a part folder that has arrived and move its part into the kept folder')
     k.add_argument('part_folder')
     k.add_argument('kept')
     j = sub.add_parser('join', help='check all parts and lay out the data set')
@@ -373,8 +369,8 @@ def main(argv=None):
         paths = prepare(SHARED)
         sizes = {path: sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
                  if os.path.isdir(path) else os.path.getsize(path) for path in paths}
-        print('carry: ' + ', '.join(f'{os.path.relpath(path, REPO)} ({format_mb(size)})'
-                                    for path, size in sizes.items()))
+        print('made: ' + ', '.join(f'{os.path.relpath(path, REPO)} ({format_mb(size)})' for path, size in sizes.items())
+              + "; copy them to the same paths of the repository's copy on the CUDA machine")
     elif args.command == 'split':
         manifest = split(args.source, args.dest, args.max_mb, args.files)
         print(f"{len(manifest['files'])} files, {format_mb(sum(f['bytes'] for f in manifest['files']))}, in "
@@ -383,7 +379,7 @@ def main(argv=None):
     elif args.command == 'keep':
         have, n = keep(args.part_folder, args.kept), len(read_manifest(args.kept, 'a folder of kept parts')['parts'])
         missing = sorted(set(range(1, n + 1)) - set(have))
-        print(f"{args.kept} holds {len(have)} of {n} parts" + (f"; still to carry: {missing}" if missing else
+        print(f"{args.kept} holds {len(have)} of {n} parts" + (f"; still to send: {missing}" if missing else
                                                                 "; all there: join them"))
     elif args.command == 'join':
         print(f'{args.dest}: ' + ('laid out, every checksum checked' if join(args.kept, args.dest) else

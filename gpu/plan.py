@@ -1,9 +1,10 @@
 """
-The GPU plan: what to check and measure in the first minutes a GPU machine is lent, as one
-command of at most --minutes (README, GPU plan).
+Check a CUDA machine in one command: every CUDA path of the scripts, and the benchmark rows timed.
+With --experiment it then trains a part of a paper experiment in the minutes left and exports it.
 
-    python3 gpu/plan.py --out $OUT --experiment omniglot/paper-20w1s      # there: all three stages
-    python gpu/plan.py --device cpu --stages checks --only omniglot evaluate --out /tmp/plan   # a dry run here
+    python gpu/plan.py --out plan-report                                     # checks and bench
+    python gpu/plan.py --out plan-report --experiment omniglot/paper-20w1s   # then a reproduction part
+    python gpu/plan.py --device cpu --stages checks --only omniglot evaluate --out plan-dry-run   # on a CPU
 
 1. checks: every CUDA path of the scripts for a few steps (all_checks), each in processes of its own
    with a timeout of its own, --jobs at a time, the compiled one first (it compiles for minutes,
@@ -11,18 +12,21 @@ command of at most --minutes (README, GPU plan).
 2. bench: the uncompiled benchmarks/bench.py --quick rows (--bench_impls on --bench_workloads, in
    that order), each in a fresh process, until --bench_minutes are spent (a step's FLOPs, the same
    on every device, are left to bench.py on a CPU).
-3. reproduce: reproduce.py EXPERIMENT (resumed from its run folder if carried into runs/, else from
-   the results/<run>-last.pth the repository ships, else started) for the minutes left less
-   RESERVE_S for its final evaluations; flags after `--` go to it as after its own `--`. Its run
-   folder and results are exported in the repository's layout.
-What it measured goes into --out as it goes (the run tool brings back at most 8 files of 16 MiB):
-gpu-plan-<time>.json (device, torch, CUDA, each stage's seconds, the check table, the bench rows,
-the reproduction's outcome), gpu-plan-<time>.log (every command's output) and export.tar.0, .1, ...,
-pieces of one tar of the exported run: `cat export.tar.* | tar -x` in the repository unpacks it.
+3. reproduce, with --experiment only: reproduce.py EXPERIMENT (resumed from its folder in --runs,
+   else from the results/<run>-last.pth the repository ships, else started) for the minutes left
+   less RESERVE_S for its final evaluations; flags after `--` go to it as after its own `--`. Its
+   run folder and results are exported in the repository's layout (reproduce.py's --export), then
+   packed as one tar cut into pieces of at most --piece-mb, for a transfer that bounds file sizes.
+What it measured goes into --out as it goes: gpu-plan-<time>.json (device, torch, CUDA, each
+stage's seconds, the check table, the bench rows, the reproduction's outcome), gpu-plan-<time>.log
+(every command's output) and export.tar.0, .1, ...: `cat export.tar.* | tar -x` in the repository
+unpacks them. With the defaults every file is under 16 MiB, and a paper run's export (seven
+checkpoints of about 1.4 MB, its metrics and curves) is one piece: three files in all.
 """
 import argparse
 import concurrent.futures
 import datetime
+import glob
 import io
 import json
 import os
@@ -59,7 +63,6 @@ TINY = ['--epoch', '4', '--task_num', '4', '--k_qry', '2', '--num_filters', '16'
 # (joined from its parts) decodes 60,000 JPEGs first
 CHECK_S, COMPILE_S, MINI_S = 150, 200, 200
 RESERVE_S = 90   # a reproduction part's start, its last --log_every steps, final evaluations, evaluate.py, export
-PIECE_BYTES = 15 << 20   # the run tool brings back files of at most 16 MiB
 ERROR_LINE = re.compile(r'^error: |^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Failed)\b')
 
 
@@ -95,8 +98,8 @@ def all_checks(device, work, omniglot, mini):
         Check('omniglot', [train('omniglot')]),
         Check('miniimagenet', [[py, script('miniimagenet_train.py'), '--data', mini or '', '--device', device,
                                 '--save_dir', folder('miniimagenet'), *TINY]], MINI_S,
-              skip=None if mini else f'no mini-ImageNet here: carry {os.path.relpath(MINI_SAMPLE, REPO)} '
-                                     f'(python gpu/carry.py prepare), or join data/miniimagenet from its parts'),
+              skip=None if mini else f'no mini-ImageNet: pass --miniimagenet, or make the sample in '
+                                     f'{os.path.relpath(MINI_SAMPLE, REPO)} with `python gpu/carry.py prepare`'),
         Check('amp', [train('amp', '--amp')], cuda_only=True),
         *(Check(algo, [train(algo, '--algo', algo)]) for algo in ('anil', 'metasgd', 'reptile')),
         Check('maml++', [train('maml++', '--preset', 'maml++')]),
@@ -180,6 +183,7 @@ def run_checks(selected, deadline, device, work, jobs, on_row=lambda row: None):
 
 
 def format_checks(rows):
+    """The check table: one row per check, its result, its seconds and the line that says why it failed."""
     lines = [f"{'check':22} {'result':8} {'seconds':>8}  what failed"]
     lines += [f"{r['name']:22} {r['status']:8} {r['seconds']:8.1f}  {r['message']}" for r in rows]
     return '\n'.join(lines)
@@ -214,12 +218,14 @@ class Plan:
             log.write(text + '\n')
 
     def save(self):
+        """The JSON report as it stands, replaced whole so that a plan cut short leaves a readable one."""
         with self.lock:
             with open(self.json_path + '.tmp', 'w') as f:
                 json.dump(self.result, f, indent=1)
             os.replace(self.json_path + '.tmp', self.json_path)
 
     def left(self):
+        """Seconds to the plan's deadline."""
         return self.deadline - time.time()
 
     def stage(self, name, run):
@@ -236,6 +242,7 @@ class Plan:
             self.save()
 
     def checks(self):
+        """The checks stage: the selected checks' table, and each check's output into the log."""
         flags = self.flags
         selected = [c for c in all_checks(flags.device, self.work, flags.omniglot, flags.miniimagenet)
                     if not flags.only or c.name in flags.only]
@@ -256,6 +263,7 @@ class Plan:
         self.say(format_checks(rows))
 
     def bench(self):
+        """The bench stage: one row per workload and implementation, in order, while time is left."""
         flags = self.flags
         end = min(self.deadline, time.time() + 60 * flags.bench_minutes)
         rows = self.result['bench']
@@ -273,6 +281,7 @@ class Plan:
                 self.save()
 
     def reproduce(self):
+        """The reproduce stage: a part of --experiment in the minutes left, its run exported into --out."""
         flags = self.flags
         runs, results = flags.runs, flags.results
         name = reproduce.next_unfinished(runs) if flags.experiment == 'next' else flags.experiment
@@ -298,68 +307,94 @@ class Plan:
         if os.path.isdir(reproduce.run_folder(runs, name)):
             export = os.path.join(self.work, 'export')
             reproduce.export(name, runs, results, export)
-            outcome['export'] = self.pack(export)
+            outcome['export'] = pack(export, flags.out, int(flags.piece_mb * 1e6))
         self.say(f"reproduce {name}: {status}, steps {steps_before} -> {steps_after} in {format_duration(seconds)}"
                  + (f"; {message}" if message else '') + (f"; exported as {', '.join(outcome['export'])}"
                                                            if 'export' in outcome else ''))
 
-    def pack(self, folder):
-        """folder's files as one tar, cut into out/export.tar.<i> pieces of at most PIECE_BYTES."""
-        buffer = io.BytesIO()
-        with tarfile.open(fileobj=buffer, mode='w') as tar:
-            for entry in sorted(os.listdir(folder)):
-                tar.add(os.path.join(folder, entry), arcname=entry)
-        data, pieces = buffer.getvalue(), []
-        for i in range(0, max(len(data), 1), PIECE_BYTES):
-            pieces.append(f'export.tar.{i // PIECE_BYTES}')
-            with open(os.path.join(self.flags.out, pieces[-1]), 'wb') as f:
-                f.write(data[i:i + PIECE_BYTES])
-        return pieces
+
+def pack(folder, out, piece_bytes):
+    """folder's files as one tar, cut into out/export.tar.<i> pieces of at most piece_bytes, their
+    numbers zero-padded to one width so that `cat export.tar.*` joins them in order; returns their names."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w') as tar:
+        for entry in sorted(os.listdir(folder)):
+            tar.add(os.path.join(folder, entry), arcname=entry)
+    data = buffer.getvalue()
+    starts = range(0, max(len(data), 1), piece_bytes)
+    names = [f'export.tar.{i:0{len(str(len(starts) - 1))}d}' for i in range(len(starts))]
+    for name, start in zip(names, starts):
+        with open(os.path.join(out, name), 'wb') as f:
+            f.write(data[start:start + piece_bytes])
+    return names
 
 
-def main(argv=None):
-    argv, train_flags = reproduce.split_at_dashes(sys.argv[1:] if argv is None else argv)
+def parse_flags(argv):
+    """The plan's flags, checked before anything runs (its data is checked in main)."""
+    argv, train_flags = reproduce.split_at_dashes(argv)
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--out', required=True, help='folder of what it measured ($OUT on a lent machine)')
+    p.add_argument('--out', required=True, help='folder of the report (JSON and log) and of the export pieces')
     p.add_argument('--minutes', type=float, default=9, help='the whole plan, all stages')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    p.add_argument('--stages', nargs='+', default=list(STAGES), choices=STAGES)
+    p.add_argument('--stages', nargs='+', choices=STAGES,
+                   help='stages to run, in this order (none given: checks and bench, then reproduce with --experiment)')
     p.add_argument('--only', nargs='+', help='run only these checks')
     p.add_argument('--jobs', type=int, default=min(6, max(1, (os.cpu_count() or 2) // 2)), help='checks at a time')
     p.add_argument('--check_minutes', type=float, default=3.5, help='at most this long for the checks')
     p.add_argument('--bench_minutes', type=float, default=2, help='at most this long for the bench rows')
     p.add_argument('--bench_workloads', nargs='+', default=['omniglot-paper-so', 'omniglot-5w1s-so', 'mini-5w1s-so'])
     p.add_argument('--bench_impls', nargs='+', default=['reference', 'meta', 'meta+amp'], choices=bench.IMPLS)
-    p.add_argument('--experiment', default='next', help="dataset/preset to train on (reproduce.py), or 'next': "
-                                                        "the first unfinished one among the runs carried")
-    p.add_argument('--runs', default=os.path.join(REPO, 'runs'), help="reproduce.py's --runs")
-    p.add_argument('--results', default=os.path.join(REPO, 'results'), help="reproduce.py's --results")
-    p.add_argument('--omniglot', default=omniglot_train.DATA_ROOT, help='Omniglot data root of the checks and bench')
-    p.add_argument('--miniimagenet', help='mini-ImageNet root of its check (default: data/miniimagenet, joined '
-                                          'from its parts, else the sample carried in .gpu/mini-sample)')
+    p.add_argument('--experiment', help="dataset/preset to train a part of in the minutes left (reproduce.py), e.g. "
+                                        "omniglot/paper-20w1s, or 'next': the first unfinished run in --runs")
+    p.add_argument('--piece-mb', type=float, default=15,
+                   help='largest piece of the packed export, in MB of 10^6 bytes, for a transfer that bounds '
+                        'file sizes')
+    p.add_argument('--runs', default=os.path.relpath(os.path.join(REPO, 'runs')), help="reproduce.py's --runs")
+    p.add_argument('--results', default=os.path.relpath(os.path.join(REPO, 'results')), help="reproduce.py's --results")
+    p.add_argument('--omniglot', default=os.path.relpath(omniglot_train.DATA_ROOT),
+                   help='Omniglot data root of the checks and bench')
+    p.add_argument('--miniimagenet', help='mini-ImageNet root of its check (none given: data/miniimagenet if '
+                                          'it is there, else the sample `python gpu/carry.py prepare` makes)')
     flags = p.parse_args(argv)
     flags.train_flags = train_flags
-    for name in ('out', 'runs', 'results', 'omniglot', 'miniimagenet'):   # the commands run in the repository
+    # the defaults are relative to where it started (shorter in --help); the commands run in the repository
+    for name in ('out', 'runs', 'results', 'omniglot', 'miniimagenet'):
         if getattr(flags, name) is not None:
             setattr(flags, name, os.path.abspath(getattr(flags, name)))
+    if flags.stages is None:
+        flags.stages = ['checks', 'bench'] + ['reproduce'] * (flags.experiment is not None)
+    if 'reproduce' in flags.stages and flags.experiment is None:
+        raise FlagError("--stages reproduce needs --experiment; name one such as omniglot/paper-20w1s, or 'next'.")
     if not flags.minutes > 0:
         raise FlagError(f'--minutes is {flags.minutes} but must be positive.')
+    if int(flags.piece_mb * 1e6) < 1:
+        raise FlagError(f'--piece-mb {flags.piece_mb:g} gives no room for a piece; pass a positive size such as 15.')
     available_device(flags.device)
-    if flags.experiment != 'next':
+    if flags.experiment not in (None, 'next'):
         reproduce.experiment(flags.experiment)
     known = [c.name for c in all_checks(flags.device, '', '', None)]
     unknown = [name for name in flags.only or () if name not in known]
     if unknown:
         raise FlagError(f"--only names {unknown[0]!r}, which is no check; name some of {', '.join(known)}.")
+    return flags
+
+
+def main(argv=None):
+    flags = parse_flags(sys.argv[1:] if argv is None else argv)
     try:   # before anything runs
         load_images(flags.omniglot, 28, 'official', download=False)
     except MissingError:
-        raise MissingError(f"Omniglot is not in {flags.omniglot}: carry data/omniglot/omniglot_28_official.pt "
-                           f"(`python gpu/carry.py prepare` makes it), or pass --omniglot.") from None
+        raise MissingError(f"Omniglot is not in {flags.omniglot}: copy there the two official zips, or the "
+                           f"omniglot_28_official.pt that `python gpu/carry.py prepare` makes in data/omniglot, "
+                           f"or pass --omniglot.") from None
     if 'bench' in flags.stages:   # the workloads' names and the device, as bench.py checks them
         bench.check_inputs(flags.bench_workloads, argparse.Namespace(device=flags.device, omniglot=flags.omniglot,
                                                                      loaders=False), torch.device(flags.device))
+    earlier = sorted(glob.glob(os.path.join(flags.out, 'export.tar.*')))
+    if 'reproduce' in flags.stages and earlier:   # `cat export.tar.*` would join them with the new pieces
+        raise FlagError(f"{earlier[0]} is a piece of an earlier export; move that export's pieces out of --out or "
+                        f"pass another --out.")
     if flags.miniimagenet is None:
         flags.miniimagenet = next((root for root in (miniimagenet_train.DATA_ROOT, MINI_SAMPLE)
                                    if os.path.isfile(os.path.join(root, 'train.csv'))), None)
@@ -371,8 +406,9 @@ def main(argv=None):
 
 
 def run_stages(plan):
+    """The selected stages in turn, then the check table, the bench rows and the reproduction's outcome."""
     flags = plan.flags
-    plan.say(f"GPU plan on {plan.result['device']}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+    plan.say(f"gpu/plan.py on {plan.result['device']}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
              f"{plan.result['gpus']} GPU(s); stages {', '.join(flags.stages)} within {flags.minutes:g} min")
     plan.save()
     for name in flags.stages:

@@ -61,6 +61,7 @@ def where(error):
 
 
 def main(argv=None):
+    """Draw the batches, warm up, then take --steps meta-steps (or draws) with host-device syncs raising."""
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False)
     p.add_argument('variant', choices=VARIANTS)
     p.add_argument('--data', default=DATA_ROOT, help='Omniglot data root')

@@ -48,24 +48,24 @@ def test_split_cuts_the_listed_files_into_checked_parts(parts):
 
 def test_parts_kept_one_by_one_join_into_the_loaders_layout(parts, tmp_path):
     dest, _ = parts
-    carried = tmp_path / 'carried'   # what the calls carry: the parts are moved out of it
+    carried = tmp_path / 'carried'   # where the parts arrive: keep moves each out of it
     shutil.copytree(dest, carried)
     kept, layout = tmp_path / 'kept', tmp_path / 'data' / 'miniimagenet'
     layout.parent.mkdir()
 
     assert carry.keep(str(carried / '1'), str(kept)) == [1]
     assert carry.keep(str(carried / '3'), str(kept)) == [1, 3]
-    with pytest.raises(MissingError, match=r"part 2 of 3 \(miniimagenet\.part2\) is missing from .*kept; carry "
+    with pytest.raises(MissingError, match=r"part 2 of 3 \(miniimagenet\.part2\) is missing from .*kept; send "
                                            r".*parts/2 and keep it"):
         carry.join(str(kept), str(layout))
     assert os.listdir(layout.parent) == []
 
     flip_a_byte(carried / '2' / 'miniimagenet.part2')
     with pytest.raises(DamagedError, match=r"part 2 of 3 .* has SHA-256 .* it was damaged on the way; delete it, "
-                                           r"then carry .*parts/2 again"):
+                                           r"then send .*parts/2 again"):
         carry.keep(str(carried / '2'), str(kept))
     assert (carried / '2' / 'miniimagenet.part2').is_file() and not (kept / 'miniimagenet.part2').exists()
-    shutil.copyfile(dest / '2' / 'miniimagenet.part2', carried / '2' / 'miniimagenet.part2')   # carried again
+    shutil.copyfile(dest / '2' / 'miniimagenet.part2', carried / '2' / 'miniimagenet.part2')   # sent again
     assert carry.keep(str(carried / '2'), str(kept)) == [1, 2, 3]
 
     flip_a_byte(kept / 'miniimagenet.part3')
@@ -92,15 +92,19 @@ def test_a_missing_part_stops_the_command_line_in_one_sentence(parts, tmp_path):
                           str(tmp_path / 'miniimagenet')], capture_output=True, text=True, timeout=300)
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
-        f"error: part 1 of 3 (miniimagenet.part1) is missing from {kept}; carry {dest}/1 and keep it with "
+        f"error: part 1 of 3 (miniimagenet.part1) is missing from {kept}; send {dest}/1 and keep it with "
         f"`python gpu/carry.py keep`."]
 
 
-def test_parts_too_large_to_travel_with_the_working_tree_are_refused(tmp_path):
-    with pytest.raises(FlagError, match=r"a part of 66 MB and this checkout's [\d.]+ MB working tree exceed the "
-                                        r"64 MiB a call sends; pass --max-mb \d+ or less"):
-        carry.split(str(shared_miniimagenet()), str(tmp_path / 'parts'), max_mb=66, names=VAL)
+def test_a_part_size_with_no_room_is_refused(tmp_path):
+    with pytest.raises(FlagError, match=r"--max-mb 0 gives no room for a part; pass a positive size such as 60"):
+        carry.split(str(shared_miniimagenet()), str(tmp_path / 'parts'), max_mb=0, names=VAL)
     assert os.listdir(tmp_path) == []
+
+
+def test_any_part_size_is_taken(tmp_path):
+    manifest = carry.split(str(shared_miniimagenet()), str(tmp_path / 'parts'), max_mb=100, names=VAL)
+    assert [p['bytes'] for p in manifest['parts']] == [32_062_672], 'one part: no bound beside --max-mb'
 
 
 def test_a_source_that_fails_its_checksum_is_not_split(tmp_path):

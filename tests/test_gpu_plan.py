@@ -1,6 +1,7 @@
-"""gpu/plan.py run on the CPU as a dry run of what it does on a lent GPU: its checks train, evaluate
-and resume on the real Omniglot, a failing check is reported as failed with the line that says why,
-and the full plan's export unpacks into the repository's layout."""
+"""gpu/plan.py run on the CPU as a dry run of what it does on a CUDA machine: its checks train,
+evaluate and resume on the real Omniglot, a failing check is reported as failed with the line that
+says why, its flags pick the stages, and the full plan's export, packed in pieces of at most
+--piece-mb, unpacks into the repository's layout."""
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import torch
 
 import plan
 from conftest import REPO
+from maml.errors import FlagError
 
 TRAIN = ['--epoch', '4', '--task_num', '2', '--num_filters', '8', '--log_every', '2', '--eval_every', '2',
          '--eval_tasks', '8', '--test_tasks', '8']
@@ -74,12 +76,50 @@ def test_a_check_past_its_time_is_ended_and_tracebacks_give_their_last_exception
         "a rank's error, not torchrun's summary"
 
 
+def test_the_stages_are_checks_and_bench_unless_an_experiment_is_named(tmp_path):
+    flags = plan.parse_flags(['--device', 'cpu', '--out', str(tmp_path)])
+    assert flags.stages == ['checks', 'bench'] and flags.experiment is None and flags.piece_mb == 15
+    assert os.path.isabs(flags.runs) and os.path.isabs(flags.omniglot), 'the commands run in the repository'
+    flags = plan.parse_flags(['--device', 'cpu', '--out', str(tmp_path), '--experiment', 'omniglot/paper-20w1s'])
+    assert flags.stages == ['checks', 'bench', 'reproduce']
+    with pytest.raises(FlagError, match=r"--stages reproduce needs --experiment; name one such as "):
+        plan.parse_flags(['--device', 'cpu', '--out', str(tmp_path), '--stages', 'checks', 'reproduce'])
+    with pytest.raises(FlagError, match=r"--piece-mb 0 gives no room for a piece; pass a positive size"):
+        plan.parse_flags(['--device', 'cpu', '--out', str(tmp_path), '--piece-mb', '0'])
+
+
+def test_the_export_is_packed_in_pieces_that_cat_joins_in_order(tmp_path):
+    export, out = tmp_path / 'export', tmp_path / 'out'
+    (export / 'runs' / 'run').mkdir(parents=True)
+    (export / 'results').mkdir()
+    (export / 'runs' / 'run' / 'last.pth').write_bytes(os.urandom(9000))
+    (export / 'results' / 'run-test.json').write_text('{"acc": 0.5}')
+    out.mkdir()
+    pieces = plan.pack(str(export), str(out), 1000)
+    assert len(pieces) > 10 and pieces[:2] == ['export.tar.00', 'export.tar.01'], 'one width: the glob sorts them'
+    assert sorted(os.listdir(out)) == pieces and all((out / p).stat().st_size <= 1000 for p in pieces)
+    with tarfile.open(fileobj=io.BytesIO(b''.join((out / p).read_bytes() for p in sorted(pieces)))) as tar:
+        tar.extractall(tmp_path / 'unpacked', filter='data')
+    assert (tmp_path / 'unpacked' / 'runs' / 'run' / 'last.pth').read_bytes() == \
+        (export / 'runs' / 'run' / 'last.pth').read_bytes()
+    assert (tmp_path / 'unpacked' / 'results' / 'run-test.json').read_text() == '{"acc": 0.5}'
+    assert plan.pack(str(export), str(tmp_path), 10 ** 6) == ['export.tar.0']
+
+
+def test_an_earlier_export_in_out_is_refused_before_anything_runs(omniglot_root, tmp_path):
+    (tmp_path / 'export.tar.0').write_bytes(b'earlier')
+    with pytest.raises(FlagError, match=r"export\.tar\.0 is a piece of an earlier export; move that export's "):
+        plan.main(['--device', 'cpu', '--out', str(tmp_path), '--omniglot', omniglot_root,
+                   '--stages', 'reproduce', '--experiment', 'omniglot/paper-5w1s'])
+    assert os.listdir(tmp_path) == ['export.tar.0'], 'no report started'
+
+
 @pytest.mark.slow
 def test_the_whole_plan_exports_a_reproduction_part_that_unpacks_into_the_repository(omniglot_root, tmp_path):
     out = tmp_path / 'out'
     run = run_plan(out, '--omniglot', omniglot_root, '--only', 'omniglot', '--bench_workloads', 'omniglot-paper-so',
                    '--bench_impls', 'reference', 'meta', '--experiment', 'omniglot/paper-5w1s', '--minutes', '20',
-                   '--runs', str(tmp_path / 'runs'), '--results', str(tmp_path / 'results'),
+                   '--runs', str(tmp_path / 'runs'), '--results', str(tmp_path / 'results'), '--piece-mb', '0.1',
                    '--', '--data', omniglot_root, *TRAIN)
     assert run.returncode == 0, run.stderr
     result = written(out)
@@ -91,6 +131,7 @@ def test_the_whole_plan_exports_a_reproduction_part_that_unpacks_into_the_reposi
     assert outcome['test']['checkpoint_step'] in (2, 4), 'best.pth is one of its two evaluations'
     assert len(outcome['test']['acc_by_step']) == 4, "after 0..3 fine-tuning steps, the preset's"
     assert sorted(os.listdir(out)) == sorted(outcome['export'] + [p for p in os.listdir(out) if 'gpu-plan' in p])
+    assert len(outcome['export']) > 1 and all((out / p).stat().st_size <= 100_000 for p in outcome['export'])
     repository = tmp_path / 'repository'
     repository.mkdir()
     pieces = b''.join((out / piece).read_bytes() for piece in outcome['export'])
