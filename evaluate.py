@@ -26,9 +26,10 @@ import torch
 
 import miniimagenet_train
 import omniglot_train
-from maml.checkpoints import RANKED, load_checkpoint
+from maml.checkpoints import RANKED, load_checkpoint, portable_path
 from maml.devices import available_device, device_name, tune
 from maml.errors import FlagError, MissingError
+from maml.family import TEST_HEADS
 from maml.folder import ImageFolder, checkpoint_format
 from maml.presets import DEFAULTS
 from maml.trainer import EVAL_SEED, evaluate, format_accs, mean_ci, run_main
@@ -104,11 +105,21 @@ def settings_of(ckpt, path, flags):
     settings.data_given = flags.data is not None
     if flags.data is None and not os.path.exists(settings.data) and settings.dataset in DATA_ROOTS:   # another machine
         settings.data = DATA_ROOTS[settings.dataset]
-    head = ckpt['config'][-1]
-    if head[0] != 'linear' or settings.n_way > head[1][0]:
-        raise FlagError(f"{path} ends in a head of {head[1][0]} outputs, so it cannot serve "
-                        f"{settings.n_way}-way tasks; pass --n_way {head[1][0]} or fewer.")
     return settings
+
+
+def load_model(ckpt, settings, head):
+    """The checkpoint's Meta, set to fine-tune for settings.update_step_test steps on settings.n_way-way
+    tasks with `head` (None: the one it was trained with)."""
+    maml = Meta.from_state(ckpt).serve(settings.n_way, head)
+    maml.update_step_test = settings.update_step_test
+    return maml
+
+
+def describe_head(maml, ckpt):
+    """'learned head', or 'proto head (at test; trained with a learned one)'."""
+    trained = ckpt['hparams'].get('head', 'learned')
+    return f'{maml.head} head' + (f' (at test; trained with a {trained} one)' if maml.head != trained else '')
 
 
 def ensemble_members(path, k):
@@ -143,7 +154,10 @@ def build_parser():
                                        "else ~/.cache/maml-pytorch/folders)")
     p.add_argument('--split', default='test', choices=['test', 'val'], help='split to evaluate on')
     p.add_argument('--tasks', type=int, default=600, help='tasks to average over')
-    p.add_argument('--n_way', type=int, help="classes per task (default: the checkpoint's; at most its head's)")
+    p.add_argument('--n_way', type=int, help="classes per task (default: the checkpoint's; more than a learned head's "
+                                             "rows with --head zero or proto)")
+    p.add_argument('--head', choices=TEST_HEADS, help="adapt from this head instead of the checkpoint's own: zero or "
+                                                     "proto serve any --n_way, also with a learned head's checkpoint")
     p.add_argument('--k_spt', type=int, help="support images per class (default: the checkpoint's)")
     p.add_argument('--k_qry_test', type=int, help="query images per class (default: the checkpoint's)")
     p.add_argument('--update_step_test', type=int, help="fine-tuning steps (default: the checkpoint's)")
@@ -163,17 +177,15 @@ def main(argv=None):
     tune(device)
     ckpt = load_checkpoint(flags.checkpoint, map_location=device)
     settings = settings_of(ckpt, flags.checkpoint, flags)
-    maml = Meta.from_state(ckpt)
-    maml.update_step_test = settings.update_step_test
+    maml = load_model(ckpt, settings, flags.head)
     next_batch, which = task_sampler(settings, ckpt, flags.checkpoint, device, flags.split)
     shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query images per class'
     print(f'{flags.checkpoint}: {settings.dataset} {shape}, {flags.tasks} {flags.split} tasks, seed {settings.seed}, '
-          f'{device_name(device)}, torch {torch.__version__}\ndata: {which}, as {checkpoint_format(ckpt).describe()}')
+          f'{device_name(device)}, torch {torch.__version__}\ndata: {which}, as {checkpoint_format(ckpt).describe()}; '
+          f'{describe_head(maml, ckpt)}')
     if flags.ensemble > 1:
-        members = [Meta.from_checkpoint(path, map_location=device) for path in ensemble_members(flags.checkpoint,
-                                                                                                flags.ensemble)]
-        for member in members:
-            member.update_step_test = settings.update_step_test
+        members = [load_model(load_checkpoint(path, map_location=device), settings, flags.head)
+                   for path in ensemble_members(flags.checkpoint, flags.ensemble)]
         accs = ensemble_accuracy(members, next_batch, flags.tasks)[:, None]
     else:
         accs = evaluate(maml, next_batch, flags.tasks, desc=f'{flags.split} tasks')
@@ -182,9 +194,9 @@ def main(argv=None):
     print(f'{flags.split} acc {100 * mean[-1]:.2f} +- {100 * half[-1]:.2f}% after {settings.update_step_test} '
           f'steps  ({what})')
     if flags.json:
-        result = dict(checkpoint=flags.checkpoint, dataset=settings.dataset, data=settings.data, classes=which,
-                      split=flags.split, tasks=flags.tasks,
-                      n_way=settings.n_way, k_spt=settings.k_spt, k_qry_test=settings.k_qry_test,
+        result = dict(checkpoint=flags.checkpoint, dataset=settings.dataset, data=portable_path(settings.data),
+                      classes=portable_path(which), split=flags.split, tasks=flags.tasks, head=maml.head,
+                      trained_head=ckpt['hparams'].get('head', 'learned'), n_way=settings.n_way, k_spt=settings.k_spt, k_qry_test=settings.k_qry_test,
                       update_step_test=settings.update_step_test, seed=settings.seed, ensemble=flags.ensemble,
                       preset=getattr(settings, 'preset', None), checkpoint_step=ckpt.get('step'),
                       selected_on=ckpt.get('split'), selection_acc=ckpt.get('acc'),

@@ -170,18 +170,19 @@ class Learner(nn.Module):
             return batch_norm(x, params[j], params[j + 1], bn_stats, fused_bn)
         return _FUNCTIONS[name](x, p)
 
-    def forward(self, x, params=None, bn_stats=None, with_stats=False, fused_bn=False):
+    def forward(self, x, params=None, bn_stats=None, with_stats=False, fused_bn=False, head=True):
         """x: [batch, imgc, imgsz, imgsz]; params: None (own), a dict by name, or a list in order.
         bn_stats: None (each batch norm uses its batch's statistics) or one (mean, var) per 'bn'
         layer to normalise with instead. with_stats: also return the batch's `batch_statistics`
         at each 'bn' layer, as (logits, [(mean, var), ...]). fused_bn: batch norm by torch's fused
-        kernels, for a pass whose second derivative is never taken (see the top of this file)."""
+        kernels, for a pass whose second derivative is never taken (see the top of this file).
+        head=False: the features, the input of the last layer, instead of the logits."""
         if params is None:
             params = list(self.vars)
         elif isinstance(params, dict):
             params = [params[name] for name, _ in self.named_parameters()]
         stats, n_bn = [], 0
-        for i, (name, _) in enumerate(self.config):
+        for i, (name, _) in enumerate(self.config if head else self.config[:-1]):
             given = None
             if name == 'bn':
                 given = bn_stats[n_bn] if bn_stats is not None else None

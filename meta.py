@@ -9,13 +9,16 @@ The MAML meta-learner (Finn, Abbeel, Levine 2017, Algorithm 2), all tasks of a m
     maml = Meta.from_checkpoint('checkpoints/best.pth')    # in a notebook
     fast_weights = maml.adapt(x_spt, y_spt)                # one task: [setsz, c, h, w]
     logits = maml.predict(x_qry, fast_weights)
+    fast_weights = maml.adapt(x_spt, y_spt, n_way=20)      # any number of classes, with a head that allows it
 
-The family (ANIL, Meta-SGD, Reptile, and MAML++'s MSL, DA, LSLR, BNWB, BNRS, CA) are options of
-this one engine, off by default; maml/family.py describes them and holds their extra pieces.
+The family (ANIL, Meta-SGD, Reptile, and MAML++'s MSL, DA, LSLR, BNWB, BNRS, CA) and the heads
+that serve any number of classes (zero, UNICORN, Proto-MAML) are options of this one engine, off
+by default; maml/family.py describes them and holds their extra pieces.
 
 Algorithm 2, line by line:
     line 3   sample a batch of tasks                  -> the caller (the episode loaders)
-    lines 5-6 theta'_i = theta - alpha grad L_Ti(theta) -> `_task`, `update_step` times
+    lines 5-6 theta'_i = theta - alpha grad L_Ti(theta) -> `_task`, `update_step` times (the head
+                                                           first set up for the task's classes, `_head`)
     line 8   query loss L_Ti(theta'_i)                -> `_task` (and `meta_loss`, for MSL's weights)
     line 10  theta <- theta - beta grad sum_i L_Ti      -> `meta_update` (Adam, as in the paper),
                                                            on the mean over tasks rather than the
@@ -24,6 +27,8 @@ Algorithm 2, line by line:
 The loop over tasks (line 4) is `torch.func.vmap`. Inner gradients come from `torch.func.grad`,
 whose result stays differentiable with respect to theta, so `loss.backward()` yields the true
 second-order meta-gradient; with `first_order` they are detached (the paper's first-order MAML).
+The query passes after intermediate inner steps, which only report accuracies (the seed's `forward`
+returns them), run outside the meta-gradient's graph; MSL, whose loss weighs them, keeps them in.
 """
 import contextlib
 
@@ -36,11 +41,12 @@ from learner import Learner
 from maml import family
 from maml.checkpoints import load_checkpoint
 from maml.devices import tune_cpu
-from maml.errors import FlagError
+from maml.errors import DamagedError, FlagError
 from maml.presets import HPARAMS
 
 DEFAULTS = HPARAMS          # Meta's hyperparameters and their defaults (maml/presets.py)
 SHAPE = ('imgc', 'imgsz')   # the network's input, which has no default
+TASK_SHAPE = ('k_spt', 'k_qry', 'task_num')   # stored in hparams by older checkpoints, unused by Meta
 
 
 class Meta(nn.Module):
@@ -75,16 +81,23 @@ class Meta(nn.Module):
         self.first_order, self.amp = bool(settings['first_order']), bool(settings['amp'])
         self.grad_clip = float(settings['grad_clip'] or 0.0)
         family.check_options(settings)
-        for name in ('algo', 'msl_steps', 'da_steps', 'lslr', 'bnwb', 'bnrs', 'cosine', 'min_meta_lr', 'total_steps'):
+        for name in ('algo', 'msl_steps', 'da_steps', 'lslr', 'bnwb', 'bnrs', 'cosine', 'min_meta_lr', 'total_steps',
+                     'head'):
             setattr(self, name, settings[name])
+        config, self.n_way = family.head_config(config, self.head, settings['n_way'])
         self.net = Learner(config, settings['imgc'], settings['imgsz'])
+        self.head_names = family.head_names(self.net, self.algo)
+        if self.head in family.UNLEARNED_HEADS:   # never read (`_head`): kept at zero, out of the meta-update
+            for name in self.head_names:
+                self.net.get_parameter(name).requires_grad_(False).zero_()
         bn = {name for pair in self.net.names_of('bn') for name in pair} if self.bnwb else set()
         # the parameters adapted in the inner loop; the others only by the meta-update
-        self.adapted = (family.head_names(self.net) if self.algo == 'anil' else
+        self.adapted = (list(self.head_names) if self.algo == 'anil' else
                         [name for name, _ in self.net.named_parameters() if name not in bn])
         self.extras = family.Extras(self.net, self.adapted, self.update_lr, self.update_step, self.algo,
                                     self.lslr, self.bnwb, self.bnrs)
-        self.meta_optim = torch.optim.Adam(self.parameters(), lr=self.meta_lr)   # the net's, then the extras'
+        # the net's, then the extras'
+        self.meta_optim = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.meta_lr)
         self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.meta_optim, self.total_steps, self.min_meta_lr)
                           if self.cosine else None)
         self.meta_steps_done = 0
@@ -92,6 +105,22 @@ class Meta(nn.Module):
         tune_cpu()
         if compile_mode:
             self.compile(compile_mode)
+
+    def serve(self, n_way, head=None):
+        """Adapt to n_way-way tasks from now on (finetune, adapt, predict), with `head` in place of the
+        one trained: 'zero' or 'proto' serve any n_way from 2 with any checkpoint. Refused in one
+        sentence when the head cannot serve n_way classes. Returns self."""
+        if head not in (None, self.head) and head not in family.TEST_HEADS:
+            raise FlagError(f"a '{self.head}' head can be replaced at test time by {' or '.join(family.TEST_HEADS)}, "
+                            f"which need nothing learned, not by '{head}'.")
+        head = head or self.head
+        if n_way < 2:
+            raise FlagError(f"a task needs two classes to tell apart, not {n_way}.")
+        rows = self.net.config[-1][1][0] if self.head_names else self.n_way
+        if head == 'learned' and n_way > rows:
+            raise FlagError(family.too_many_classes(n_way, rows))
+        self.head, self.n_way = head, n_way
+        return self
 
     def compile(self, mode='default'):
         """torch.compile the batched tasks (training and evaluation); mode 'reduce-overhead' also
@@ -104,21 +133,47 @@ class Meta(nn.Module):
         return {**{name: getattr(self, name) for name in DEFAULTS},
                 'imgc': self.net.imgc, 'imgsz': self.net.imgsz}
 
-    def _forward(self, params, x, version, train, twice=False):
-        """Logits of the net with weights `params` after `version` inner steps, and, when tracking
-        BNRS in meta-training, the batch statistics at each batch norm ([] otherwise). `twice`: the
-        meta-gradient will differentiate this pass twice (a support pass of second-order training),
-        so batch norm keeps its primitive form; every other pass takes torch's fused kernels."""
+    def _forward(self, params, x, version, train, twice=False, head=True):
+        """Logits of the net with weights `params` after `version` inner steps (without `head`: the
+        features the head takes), and, when tracking BNRS in meta-training, the batch statistics at
+        each batch norm ([] otherwise). `twice`: the meta-gradient will differentiate this pass twice
+        (a support pass of second-order training), so batch norm keeps its primitive form; every
+        other pass takes torch's fused kernels."""
         if train and self.bnrs:
-            return self.net(x, params=params, with_stats=True, fused_bn=not twice)
+            return self.net(x, params=params, with_stats=True, fused_bn=not twice, head=head)
         return self.net(x, params=params, bn_stats=None if train else self.extras.running(version),
-                        fused_bn=not twice), []
+                        fused_bn=not twice, head=head), []
 
-    def _task(self, theta, x_spt, y_spt, x_qry, y_qry, steps, query_at, first_order, train):
-        """One task: `steps` SGD steps on the support loss from theta (only the names in
-        `self.adapted` move). The query loss and accuracy are taken after each number of steps in
-        `query_at`. Returns (query losses, query accuracies, adapted weights, batch statistics of the
-        support set after 0..steps-1 steps and of the query set after `steps`)."""
+    def _head(self, theta, x_spt, y_spt, n_way, train):
+        """The head's weight and bias [n_way, features], [n_way] that the inner loop of a task with
+        n_way classes starts from: 'learned', its first n_way rows; 'unicorn', its one learned row
+        copied n_way times (so its meta-gradient is the sum over the copies); 'zero', zeros; 'proto',
+        from the support set's class means c_k of the features, W_k = 2 c_k, b_k = -||c_k||^2."""
+        if not self.head_names:   # a network that does not end in a linear layer serves its own classes
+            return ()
+        weight, bias = (theta[name] for name in self.head_names)
+        if self.head == 'learned':
+            if n_way > weight.shape[0]:
+                raise FlagError(family.too_many_classes(n_way, weight.shape[0]))
+            return weight[:n_way], bias[:n_way]
+        if self.head == 'unicorn':
+            return weight.expand(n_way, -1), bias.expand(n_way)
+        if self.head == 'zero':
+            return weight.new_zeros(n_way, weight.shape[1]), bias.new_zeros(n_way)
+        features = self._forward({**theta, **self.extras.bn_params(0)}, x_spt, 0, train, head=False)[0].to(weight.dtype)
+        one_hot = F.one_hot(y_spt, n_way).to(features.dtype)
+        means = one_hot.t() @ features / one_hot.sum(0).unsqueeze(1)
+        return 2 * means, -means.square().sum(1)
+
+    def _task(self, theta, x_spt, y_spt, x_qry, y_qry, n_way, steps, query_at, graph_at, first_order, train):
+        """One n_way-way task: `steps` SGD steps on the support loss from theta with the head set up
+        for the task (`_head`; only the names in `self.adapted` move). The query loss and accuracy are
+        taken after each number of steps in `query_at`; those not in `graph_at` (the steps whose loss
+        the meta-gradient does not use) without a graph. Returns (query losses, query accuracies,
+        adapted weights, batch statistics of the support set after 0..steps-1 steps and of the query
+        set after `steps`)."""
+        theta = dict(zip(self.head_names, self._head(theta, x_spt, y_spt, n_way, train)), **{
+            name: p for name, p in theta.items() if name not in self.head_names})
         fast = {name: theta[name] for name in self.adapted}
         frozen = {name: p for name, p in theta.items() if name not in fast}
         losses, accs, stats = [], [], []
@@ -130,21 +185,28 @@ class Meta(nn.Module):
 
         for version in range(steps + 1):
             if version in query_at:
-                params = {**frozen, **fast, **self.extras.bn_params(version)}
-                logits, batch = self._forward(params, x_qry, version, train)
-                losses.append(F.cross_entropy(logits, y_qry))
-                accs.append((logits.argmax(-1) == y_qry).float().mean())
+                with torch.set_grad_enabled(torch.is_grad_enabled() and version in graph_at):
+                    params = {**frozen, **fast, **self.extras.bn_params(version)}
+                    logits, batch = self._forward(params, x_qry, version, train)
+                    losses.append(F.cross_entropy(logits, y_qry))
+                    accs.append((logits.argmax(-1) == y_qry).float().mean())
             if version == steps:
                 return torch.stack(losses), torch.stack(accs), fast, stats + [batch]
             grads, batch = grad(support_loss, has_aux=True)(fast, version)
             stats.append(batch)
             if first_order:
                 grads = {name: g.detach() for name, g in grads.items()}
-            fast = {name: p - self.extras.lr(name, version) * grads[name] for name, p in fast.items()}
+            fast = {name: p - self._lr(name, version, p) * grads[name] for name, p in fast.items()}
 
-    def _batched(self, x_spt, y_spt, x_qry, y_qry, steps, query_at, first_order, train):
+    def _lr(self, name, version, p):
+        """The inner learning rate of `name` at inner step `version`; Meta-SGD's per-weight rates of a
+        learned head serving fewer classes than its rows, cut to the rows in use."""
+        lr = self.extras.lr(name, version)
+        return lr[:p.shape[0]] if torch.is_tensor(lr) and lr.dim() == p.dim() and name in self.head_names else lr
+
+    def _batched(self, x_spt, y_spt, x_qry, y_qry, n_way, steps, query_at, graph_at, first_order, train):
         theta = dict(self.net.named_parameters())
-        task = lambda *data: self._task(theta, *data, steps, query_at, first_order, train)
+        task = lambda *data: self._task(theta, *data, n_way, steps, query_at, graph_at, first_order, train)
         with self._autocast(x_spt.device):
             return vmap(task)(x_spt, y_spt, x_qry, y_qry)
 
@@ -167,9 +229,12 @@ class Meta(nn.Module):
         entry, and less work). With Reptile the loss is the query loss, and its gradient is
         theta - the mean adapted weights. With BNRS it also updates the running statistics."""
         steps, weights = self.update_step, self.step_weights()
-        query_at = tuple(range(steps + 1) if track_steps else range(1, steps + 1) if weights is not None else [steps])
+        # the query losses the meta-gradient differentiates: the last step's, MSL's every step's, none of Reptile's
+        graph_at = () if self.algo == 'reptile' else tuple(range(1, steps + 1)) if weights is not None else (steps,)
+        query_at = tuple(range(steps + 1)) if track_steps else graph_at or (steps,)
         first_order = self.first_order or self.meta_steps_done < self.da_steps or self.algo == 'reptile'
-        losses, accs, adapted, stats = self._batched(x_spt, y_spt, x_qry, y_qry, steps, query_at, first_order, True)
+        losses, accs, adapted, stats = self._batched(x_spt, y_spt, x_qry, y_qry, self.n_way, steps, query_at,
+                                                     graph_at, first_order, True)
         if self.bnrs:
             self.extras.track(stats)
         if weights is None:
@@ -203,26 +268,29 @@ class Meta(nn.Module):
         return accs
 
     @torch.no_grad()
-    def finetune(self, x_spt, y_spt, x_qry, y_qry):
-        """Query accuracy after each of 0..update_step_test fine-tuning steps: [steps + 1] for one
-        task ([setsz, c, h, w] inputs), [tasks, steps + 1] for a batch of tasks."""
+    def finetune(self, x_spt, y_spt, x_qry, y_qry, n_way=None):
+        """Query accuracy after each of 0..update_step_test fine-tuning steps on n_way-way tasks
+        (default: the training tasks' classes): [steps + 1] for one task ([setsz, c, h, w] inputs),
+        [tasks, steps + 1] for a batch of tasks."""
         single = x_spt.dim() == 4
         if single:
             x_spt, y_spt, x_qry, y_qry = (t.unsqueeze(0) for t in (x_spt, y_spt, x_qry, y_qry))
         steps = self.update_step_test
-        _, accs, _, _ = self._batched(x_spt, y_spt, x_qry, y_qry, steps, tuple(range(steps + 1)), True, False)
+        _, accs, _, _ = self._batched(x_spt, y_spt, x_qry, y_qry, n_way or self.n_way, steps, tuple(range(steps + 1)),
+                                      (), True, False)
         accs = accs.clone()   # a CUDA-graph replay (--compile reduce-overhead) reuses its output buffers
         return accs[0] if single else accs
 
     finetunning = finetune   # the seed's name
 
     @torch.no_grad()
-    def adapt(self, x_spt, y_spt, steps=None):
+    def adapt(self, x_spt, y_spt, steps=None, n_way=None):
         """The weights of the net after `steps` (default update_step_test) SGD steps on one task's
-        support set, as a dict for `predict` (or, without BNRS, `self.net(x, params=...)`)."""
+        support set of n_way classes (default: the training tasks'), labels 0..n_way-1, as a dict for
+        `predict` (or, without BNRS, `self.net(x, params=...)`)."""
         steps = self.update_step_test if steps is None else steps
         theta = {name: p.detach() for name, p in self.net.named_parameters()}
-        adapted = self._task(theta, x_spt, y_spt, x_spt, y_spt, steps, (steps,), True, False)[2]
+        adapted = self._task(theta, x_spt, y_spt, x_spt, y_spt, n_way or self.n_way, steps, (steps,), (), True, False)[2]
         return {**theta, **adapted, **self.extras.bn_params(steps)}
 
     def predict(self, x, weights, steps=None):
@@ -230,11 +298,11 @@ class Meta(nn.Module):
         return self._forward(weights, x, self.update_step_test if steps is None else steps, train=False)[0]
 
     @torch.no_grad()
-    def query_probabilities(self, x_spt, y_spt, x_qry, steps=None):
+    def query_probabilities(self, x_spt, y_spt, x_qry, steps=None, n_way=None):
         """Class probabilities of the query images [tasks, n_query, n_way] after `steps` (default
         update_step_test) fine-tuning steps on each task's support set; for ensembles of learners."""
         def task(xs, ys, xq):
-            return self.predict(xq, self.adapt(xs, ys, steps), steps).float().softmax(-1)
+            return self.predict(xq, self.adapt(xs, ys, steps, n_way), steps).float().softmax(-1)
         with self._autocast(x_spt.device):
             return vmap(task)(x_spt, y_spt, x_qry)
 
@@ -262,6 +330,9 @@ class Meta(nn.Module):
             self.meta_steps_done = saved['meta_steps_done']
             if self.scheduler is not None:
                 self.scheduler.load_state_dict(saved['scheduler'])
+                # a resumed run may end later than the one that saved the schedule: past T_max the
+                # cosine climbs again, so the schedule is stretched to end where this run ends
+                self.scheduler.T_max = self.total_steps
 
     @classmethod
     def from_checkpoint(cls, path, map_location=None):
@@ -270,9 +341,15 @@ class Meta(nn.Module):
 
     @classmethod
     def from_state(cls, ckpt):
-        """A ready Meta from a checkpoint dict already loaded by `load_checkpoint`."""
-        known = {k: v for k, v in ckpt['hparams'].items() if k in DEFAULTS or k in SHAPE}
-        maml = cls(ckpt['config'], **known)   # older checkpoints also list the task shape: not Meta's
+        """A ready Meta from a checkpoint dict already loaded by `load_checkpoint`; refused in one
+        sentence when the checkpoint names an option this version does not know (it would load as
+        another model)."""
+        unknown = sorted(set(ckpt['hparams']) - set(DEFAULTS) - set(SHAPE) - set(TASK_SHAPE))
+        if unknown:
+            raise DamagedError(f"this checkpoint was trained with {', '.join(unknown)}, which this version of the "
+                               f"code does not know, so it would load as another model; update the repository "
+                               f"to the version that wrote it.")
+        maml = cls(ckpt['config'], **{k: v for k, v in ckpt['hparams'].items() if k not in TASK_SHAPE})
         saved = next(iter(ckpt['model'].values()))
         maml.to(saved.device, saved.dtype)
         maml.amp = maml.amp and saved.device.type == 'cuda'   # bf16 autocast is for CUDA only

@@ -177,8 +177,8 @@ def count_flops(workload, order, impl, omniglot_root):
         else:
             params, steps = dict(maml.net.named_parameters()), maml.update_step
             first_order = maml.first_order or maml.algo == 'reptile'
-            losses = [maml._task(params, *(t[i] for t in batch), steps, (steps,), first_order, True)[0][-1]
-                      for i in range(len(batch[0]))]
+            losses = [maml._task(params, *(t[i] for t in batch), maml.n_way, steps, (steps,), (steps,), first_order,
+                                 True)[0][-1] for i in range(len(batch[0]))]
             torch.stack(losses).mean().backward()
     return counter.flops
 

@@ -80,6 +80,15 @@ def load_checkpoint(path, map_location=None):
     return ckpt
 
 
+def portable_path(text):
+    """`text` with the paths of this machine written as another machine can read them: the home
+    folder as ~ and the working folder's contents relative to it (a report or shipped checkpoint
+    does not carry where it happened to run)."""
+    home, here = os.path.expanduser('~'), os.getcwd()
+    text = text.replace(here + os.sep, '').replace(here, '.')
+    return text.replace(home + os.sep, '~' + os.sep) if home not in ('', os.sep) else text
+
+
 def check_finite(ckpt, step):
     """Refuse to save weights that are not all finite (a diverged run must not overwrite good files):
     the net's and the family's meta-parameters and running statistics."""

@@ -20,6 +20,14 @@ Options (OPTIONS, all off by default, which is plain MAML):
     bnrs         BNRS: batch-norm running statistics per inner step, tracked in meta-training and
                  used in evaluation (finetune, predict) instead of the batch's statistics
     cosine       CA: cosine annealing of meta_lr to min_meta_lr over total_steps meta-steps
+    head         what the last linear layer starts each inner loop from, for a task of N classes:
+                 'learned', the paper's, its N rows (at most its out features; a task with fewer
+                 classes uses the first N rows); 'zero', zeros (Kao et al. 2022, the zeroing trick);
+                 'unicorn', one learned row and bias copied N times (Ye & Chao 2022, UNICORN-MAML);
+                 'proto', the support set's class means c_k of the features, W_k = 2 c_k and
+                 b_k = -||c_k||^2 (Triantafillou et al. 2020, Proto-MAML). The last three serve any
+                 N from 2 at test, and their network's linear layer holds one row (`head_config`):
+                 UNICORN's learned row; for 'zero' and 'proto' a row kept at zero that no step reads
 Per-step pieces have one slot per inner step (learning rates: update_step; batch norm: one per
 weight version, 0..update_step); evaluation with more steps (update_step_test) reuses the last slot.
 """
@@ -29,8 +37,12 @@ import torch.nn as nn
 from .errors import FlagError
 
 ALGOS = ('maml', 'anil', 'metasgd', 'reptile')
+HEADS = ('learned', 'zero', 'unicorn', 'proto')
+UNLEARNED_HEADS = ('zero', 'proto')   # their head is not a meta-parameter
+ANY_WAY_HEADS = ('zero', 'unicorn', 'proto')
+TEST_HEADS = ('zero', 'proto')        # what a 'learned' checkpoint can be evaluated with instead of its own head
 OPTIONS = dict(algo='maml', msl_steps=0, da_steps=0, lslr=False, bnwb=False, bnrs=False, cosine=False, min_meta_lr=1e-5,
-               total_steps=None)   # total_steps None: the run's --epoch
+               total_steps=None, head='learned')   # total_steps None: the run's --epoch
 BN_MOMENTUM = 0.1   # as nn.BatchNorm2d
 MSL_FLOOR = 0.03    # MAML++'s floor of each non-final step's weight, times the number of steps
 
@@ -40,7 +52,7 @@ MSL_FLOOR = 0.03    # MAML++'s floor of each non-final step's weight, times the 
 # set first_order_to_second_order_epoch to -1, i.e. second order throughout. BNRS is off too: the
 # official code tracks per-step running statistics but normalises with each batch's statistics in
 # evaluation as well (F.batch_norm(..., training=True)), so its reported numbers never used them;
-# evaluating with them (--bnrs) took a short Omniglot run to chance (README, The MAML family).
+# evaluating with them (--bnrs) took a short Omniglot run to chance (docs/family.md).
 MAMLPP = dict(msl_steps=5000, da_steps=0, lslr=True, bnwb=True, bnrs=False, cosine=True, min_meta_lr=1e-5,
               update_lr=0.1, meta_lr=1e-3, update_step=5, update_step_test=5)
 
@@ -62,6 +74,11 @@ def check_options(s):
         raise FlagError("--da_steps switches from first to second order, which --first_order forbids; drop one.")
     if s['cosine'] and not s['total_steps']:
         raise FlagError("--cosine anneals over the run's meta-steps, so it needs --total_steps (or --epoch).")
+    if s['head'] not in HEADS:
+        raise FlagError(f"--head is '{s['head']}', which is not a head here; use one of {', '.join(HEADS)}.")
+    if s['head'] == 'unicorn' and s['algo'] == 'reptile':
+        raise FlagError("--head unicorn learns its row through the inner loop's gradient, which --algo reptile "
+                        "does not take; use --head zero or proto with Reptile.")
 
 
 def msl_weights(steps, progress, device=None, dtype=torch.float64):
@@ -78,17 +95,43 @@ def msl_weights(steps, progress, device=None, dtype=torch.float64):
 def with_gradient(value, params, directions):
     """A tensor equal to `value` whose gradient with respect to `params` is `directions`: what
     lets Reptile's meta-update go through the same backward() and meta-optimizer as MAML's."""
-    surrogate = sum((p * d.detach()).sum() for p, d in zip(params, directions))
+    surrogate = sum((p * d.detach()).sum() for p, d in zip(params, directions) if p.requires_grad)
     return value.detach() + (surrogate - surrogate.detach())
 
 
-def head_names(net):
-    """The last layer's parameter names, the only ones ANIL adapts; it must be linear."""
-    parametric = [name for name, _ in net.config if name in ('conv2d', 'convt2d', 'linear', 'bn')]
-    if not parametric or parametric[-1] != 'linear':
+def head_names(net, algo):
+    """The (weight, bias) names of the head, the network's last layer when it is linear (the only
+    layer ANIL adapts), or () when it is not (then the network serves only its own classes)."""
+    if net.config[-1][0] == 'linear':
+        return net.names_of('linear')[-1]
+    if algo == 'anil':
         raise FlagError("--algo anil adapts the last linear layer, but the network does not end in "
                         "one; end the config with a ('linear', ...) layer.")
-    return net.names_of('linear')[-1]
+    return ()
+
+
+def head_config(config, head, n_way):
+    """(the network config that `head` trains, the classes of a training task). A head other than
+    'learned' keeps one row of the last linear layer, which must end the config; n_way defaults to
+    the out features of a config built for n_way classes (e.g. omniglot_train.network(n_way))."""
+    config = [(name, list(params)) for name, params in config]
+    last, params = config[-1]
+    if head == 'learned':
+        return config, n_way or (params[0] if last == 'linear' else None)
+    if last != 'linear':
+        raise FlagError(f"--head {head} sets up the network's last layer for each task, which must be a "
+                        f"('linear', [out, in]) layer; end the config with one.")
+    n_way = n_way or (params[0] if params[0] > 1 else None)
+    if n_way is None:
+        raise FlagError(f"--head {head} needs the classes of a training task: pass n_way.")
+    return config[:-1] + [('linear', [1, params[1]])], n_way
+
+
+def too_many_classes(n_way, rows):
+    """The sentence for a task of more classes than a learned head has rows."""
+    return (f"this checkpoint's learned head tells apart {rows} classes, fewer than the {n_way} asked for; "
+            f"use at most {rows} classes, or adapt a head to any number of them at test time with --head zero or "
+            f"--head proto (in a notebook: maml.serve(n_way, head='proto')).")
 
 
 class Extras(nn.Module):

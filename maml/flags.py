@@ -17,16 +17,16 @@ import torch
 
 from .checkpoints import load_checkpoint
 from .errors import FlagError
-from .family import ALGOS
+from .family import ALGOS, HEADS
 from .presets import DEFAULTS, HPARAMS, PRESETS
 
-# Flags a resumed run may change: where and how fast it runs, how long, how often it reports. Any
-# other flag defines the run, so it is taken from the checkpoint, and giving it another value is refused.
-# Those of OPERATIONAL that are not given are taken from the checkpoint too, except the machine's
-# own (MACHINE): they keep this machine's defaults, so a GPU run resumes on a CPU-only one, and a
-# budget of lent time given to one part of a run does not end the next part.
+# Flags a resumed run may change: where and how fast it runs, how long (and so where a cosine schedule
+# ends), how often it reports. Any other flag defines the run, so it is taken from the checkpoint, and
+# giving it another value is refused. Those of OPERATIONAL that are not given are taken from the
+# checkpoint too, except the machine's own (MACHINE): they keep this machine's defaults, so a GPU run
+# resumes on a CPU-only one, and the time budget of one part of a run does not end the next part.
 OPERATIONAL = {'epoch', 'time_budget', 'log_every', 'eval_every', 'device', 'data', 'save_dir', 'resume',
-               'compile', 'amp', 'test_tasks', 'keep', 'cache_dir'}
+               'compile', 'amp', 'test_tasks', 'keep', 'cache_dir', 'total_steps'}
 MACHINE = {'device', 'compile', 'amp', 'resume', 'save_dir', 'time_budget', 'cache_dir'}
 MIN_IMGSZ = 16   # both networks halve the image four times
 
@@ -56,7 +56,11 @@ def make_parser(description, dataset, data_root):
     p.add_argument('--first_order', action='store_true', help='first-order MAML (no second derivatives)')
     p.add_argument('--algo', choices=ALGOS,
                    help='anil: adapt only the last layer; metasgd: learned per-weight inner rates; reptile: '
-                        'meta-gradient theta - mean adapted weights (see family.py)')
+                        'meta-gradient theta - mean adapted weights (see maml/family.py)')
+    p.add_argument('--head', choices=HEADS,
+                   help="what the last layer starts each task from: learned (the paper's, for --n_way classes); zero, "
+                        "unicorn (one learned row copied per class) or proto (the support set's class means) also "
+                        "serve any number of classes at test (docs/heads.md)")
     p.add_argument('--msl_steps', type=int,
                    help="MAML++ MSL: weight every inner step's query loss, annealed to the last over this many steps (0: off)")
     p.add_argument('--da_steps', type=int,
@@ -158,5 +162,9 @@ def check_args(args):
     for name in ('meta_lr', 'update_lr'):
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise FlagError(f"--{name} is {getattr(args, name)} but must be positive.")
+    if args.cosine and args.total_steps is not None and args.total_steps < args.epoch:
+        raise FlagError(f"--epoch {args.epoch} goes past --total_steps {args.total_steps}, where the --cosine schedule of "
+                        f"--meta_lr ends and would climb again; pass --total_steps {args.epoch} (or leave it out: "
+                        f"the schedule then ends at --epoch), or a smaller --epoch.")
     if args.grad_clip < 0:
         raise FlagError(f"--grad_clip is {args.grad_clip}; use 0 (off) or a positive norm.")

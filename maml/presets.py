@@ -24,7 +24,7 @@ from .family import MAMLPP, OPTIONS
 # Meta's hyperparameters, with their defaults: the seed's Omniglot settings and the family's options
 # off. A checkpoint stores them (with the network's input shape, imgc and imgsz) to rebuild its Meta.
 HPARAMS = dict(update_lr=0.4, meta_lr=1e-3, update_step=5, update_step_test=10, first_order=False, grad_clip=0.0,
-               amp=False, **OPTIONS)
+               amp=False, n_way=None, **OPTIONS)   # n_way None: the out features of the config's last layer
 
 OMNIGLOT = dict(epoch=40000, n_way=5, k_spt=1, k_qry=15, k_qry_test=None, imgsz=28, task_num=32,
                 meta_lr=1e-3, update_lr=0.4, update_step=5, update_step_test=10, num_filters=64,

@@ -156,3 +156,14 @@ def class_folders(root, classes):
         for path in paths:
             os.symlink(path, Path(root) / label / Path(path).name)
     return Path(root)
+
+
+# mini-ImageNet quick runs (tests/test_miniimagenet_train.py, test_folder_train.py): classes per split,
+# images per class, and the flags
+CLASSES = {'train': 16, 'val': 5, 'test': 5}
+PER_CLASS = 120
+# Small enough for 2 CPU cores (42x42 images, 16 filters, 5 query images per class, one inner step),
+# still second-order MAML.
+QUICK = ['--epoch', '300', '--imgsz', '42', '--num_filters', '16', '--k_qry', '5', '--update_step', '1',
+         '--update_step_test', '3', '--update_lr', '0.4', '--meta_lr', '1e-2', '--log_every', '50',
+         '--eval_every', '150', '--eval_tasks', '50', '--test_tasks', '100', '--device', 'cpu']

@@ -198,6 +198,30 @@ def test_cosine_annealing_steps_inside_meta_update():
         assert abs(maml.meta_optim.param_groups[0]['lr'] - expected) < 1e-15
 
 
+def test_a_cosine_run_resumed_with_a_later_epoch_anneals_to_its_new_end():
+    """--epoch 4 raised to 8 on --resume: the schedule, saved with T_max 4, must not climb again."""
+    tasks, min_lr = make_tasks(), 1e-5
+    first = make(cosine=True, total_steps=4, min_meta_lr=min_lr)   # what the script builds from --epoch 4
+    for _ in range(4):
+        first(*tasks, track_steps=False)
+    assert abs(first.meta_optim.param_groups[0]['lr'] - min_lr) < 1e-12
+    first.meta_optim.param_groups[0]['lr'] = 2e-4   # where a run stopped midway would be
+    resumed = make(cosine=True, total_steps=8, min_meta_lr=min_lr)   # and from --epoch 8 on --resume
+    resumed.load_state(first.checkpoint())
+    lrs = []
+    for _ in range(4):
+        resumed(*tasks, track_steps=False)
+        lrs.append(resumed.meta_optim.param_groups[0]['lr'])
+    assert all(a > b for a, b in zip(lrs, lrs[1:])) and abs(lrs[-1] - min_lr) < 1e-12, lrs
+
+
+def test_a_cosine_schedule_shorter_than_the_run_is_refused_by_name():
+    from maml.flags import make_parser, parse_args
+    with pytest.raises(FlagError, match=r"--epoch 40 goes past --total_steps 30, where the --cosine schedule"):
+        parse_args(make_parser('test', 'omniglot', 'data'), 'omniglot',
+                   ['--epoch', '40', '--cosine', '--total_steps', '30'])
+
+
 def test_mamlpp_checkpoint_round_trip_continues_identically(tmp_path):
     options = {**MAMLPP, 'update_step': STEPS, 'update_step_test': 3, 'msl_steps': 3, 'total_steps': 10}
     maml, tasks = make(**options), make_tasks()
@@ -250,7 +274,7 @@ def test_the_training_flags_reach_meta_and_cosine_anneals_over_epoch():
 
 
 def test_a_resumed_mamlpp_run_continues_exactly_as_an_uninterrupted_one(tmp_path):
-    from test_checkpoints import ListLoader, fit_args
+    from conftest import ListLoader, fit_args
 
     from maml.trainer import fit
     options = {**MAMLPP, 'update_step': STEPS, 'update_step_test': 3, 'msl_steps': 3, 'total_steps': 4}

@@ -21,7 +21,7 @@ import evaluate
 import folder_train
 import omniglot_train
 import omniglotNShot
-from conftest import REPO, class_folders, miniimagenet_classes
+from conftest import CLASSES, PER_CLASS, QUICK, REPO, class_folders, miniimagenet_classes
 from maml.errors import UserError
 from maml.flags import parse_args
 from maml.folder import checkpoint_format, find_classes
@@ -238,9 +238,9 @@ def test_classify_predicts_what_adapt_and_predict_give_on_the_same_tensors(tiny_
     support_paths = [support / name / image for name in classes for image in sorted(os.listdir(support / name))]
     labels = torch.tensor([classes.index(p.parent.name) for p in support_paths])
     query_paths = [queries / name for name in sorted(os.listdir(queries))] + [extra]
-    with torch.no_grad():
-        weights = maml.adapt(images(support_paths), labels)
-        expected = maml.predict(images(query_paths), weights)[:, :3].softmax(-1)
+    with torch.no_grad():   # 3 classes: the learned head's first 3 rows, in the loss and the prediction
+        weights = maml.adapt(images(support_paths), labels, n_way=3)
+        expected = maml.predict(images(query_paths), weights).softmax(-1)
     assert [p['path'] for p in predictions] == list(map(str, query_paths))
     got = torch.tensor([[p['probabilities'][name] for name in classes] for p in predictions])
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
@@ -255,14 +255,38 @@ def test_classify_predicts_what_adapt_and_predict_give_on_the_same_tensors(tiny_
     assert [(r['path'], r['class']) for r in rows] == [(p['path'], p['class']) for p in predictions]
 
 
+def test_classify_takes_a_support_folder_of_images_only_and_more_classes_with_a_proto_head(tiny_run, tmp_path,
+                                                                                           capsys):
+    """A benchmark's or a user's support set as files (support/cat.jpg, support/dog.jpg): each image a
+    class named by its stem; eight of them, more than the learned head's 5 rows, with --head proto."""
+    root, run, _ = tiny_run
+    names = sorted(os.listdir(root))[:8]
+    support, queries = tmp_path / 'support', tmp_path / 'queries'
+    support.mkdir(), queries.mkdir()
+    for name in names:
+        first, second = sorted(os.listdir(root / name))[:2]
+        os.symlink(root / name / first, support / f'{name}.jpg')
+        os.symlink(root / name / second, queries / f'{name}.jpg')
+    rows = classify.main([str(run / 'best.pth'), str(queries), '--support', str(support), '--head', 'proto',
+                          '--device', 'cpu'])
+    out, err = capsys.readouterr()
+    assert 'holds images only, so each is a class of its own, named by its file\'s stem (one shot each)' in err
+    assert 'from a proto head at test (trained with a learned one)' in out
+    assert sorted(rows[0][3]) == sorted(names), 'eight classes, named by the support files'
+    os.symlink(root / names[0] / sorted(os.listdir(root / names[0]))[3], support / f'{names[0]}.png')
+    with pytest.raises(UserError, match=rf"{names[0]}\.jpg and {names[0]}\.png share one; rename one of them"):
+        classify.main([str(run / 'best.pth'), str(queries), '--support', str(support), '--head', 'proto'])
+
+
 def test_classify_refuses_bad_input_in_one_sentence(tiny_run, tmp_path):
     root, run, _ = tiny_run
     names = sorted(os.listdir(root))
     support, queries = support_and_queries(root, names[:6], tmp_path)
     clf = classify.FewShotClassifier(run / 'best.pth')
-    with pytest.raises(UserError, match=r"the support set has 6 classes, but this checkpoint tells apart 2 to 5"):
+    with pytest.raises(UserError, match=r"learned head tells apart 5 classes, fewer than the 6 asked for; .*--head "
+                                        r"zero or --head proto"):
         clf.adapt(support)
-    with pytest.raises(UserError, match=r"the support set has 1 class, but"):
+    with pytest.raises(UserError, match=r"the support set has 1 class; a task needs at least 2"):
         clf.adapt({names[0]: [root / names[0] / sorted(os.listdir(root / names[0]))[0]]})
     with pytest.raises(UserError, match=r"the support folder .*nowhere does not exist"):
         clf.adapt(tmp_path / 'nowhere')
@@ -274,6 +298,11 @@ def test_classify_refuses_bad_input_in_one_sentence(tiny_run, tmp_path):
     broken.write_bytes(b'not a png')
     with pytest.raises(UserError, match=rf"cannot decode image {broken} \(cannot identify image file .*\); replace"):
         clf.classify([queries, broken])
+    mixed = tmp_path / 'mixed'
+    shutil.copytree(support, mixed)
+    os.symlink(queries / sorted(os.listdir(queries))[0], mixed / 'loose.jpg')
+    with pytest.raises(UserError, match=r"mixed holds images directly \(first: loose\.jpg\); put each class's images"):
+        clf.adapt(mixed)
     from_a_notebook = tmp_path / 'notebook.pth'
     torch.save(Meta(omniglot_train.network(5, 28, 8), imgc=1, imgsz=28).checkpoint(), from_a_notebook)
     with pytest.raises(UserError, match=r"does not record the data set it was trained on .*; use one that folder_train"):
@@ -284,7 +313,6 @@ def test_classify_refuses_bad_input_in_one_sentence(tiny_run, tmp_path):
 def test_a_run_on_a_miniimagenet_folder_learns_and_best_pth_evaluates_to_its_report(tmp_path):
     """26 mini-ImageNet classes of real JPEGs as train/ val/ test/ class folders, trained with
     miniimagenet_train.py's quick settings: the folder path learns what the benchmark's does."""
-    from test_miniimagenet_train import CLASSES, PER_CLASS, QUICK
     for split, n_classes in CLASSES.items():
         class_folders(tmp_path / 'data' / split, miniimagenet_classes(split, n_classes, PER_CLASS))
     save_dir = tmp_path / 'run'

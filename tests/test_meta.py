@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from conftest import CONFIG, SIDE, TASKS, flat, make_meta, make_tasks, meta_grad, rel_err
+from maml.errors import DamagedError
 from meta import Meta
 from reference import per_task_meta_loss
 
@@ -60,11 +61,29 @@ def test_vectorised_batch_equals_per_task_loop():
     assert torch.allclose(accs, torch.stack([a for _, _, a in per_task]).mean(0))
 
 
-def test_untracked_steps_give_the_same_loss_and_last_accuracy():
+def graph_nodes(tensor):
+    """The autograd nodes that backward() from `tensor` visits."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [next_node for next_node, _ in node.next_functions]
+    return len(seen)
+
+
+def test_tracked_steps_report_each_accuracy_without_adding_to_the_meta_gradients_graph():
+    """The seed's forward reports the query accuracy after every inner step; those extra query passes
+    must not enter the graph that backward() walks (and keeps alive), as they once did."""
     maml, tasks = make_meta(), make_tasks()
     loss, accs = maml.meta_loss(*tasks, track_steps=True)
     loss_fast, accs_fast = maml.meta_loss(*tasks, track_steps=False)
     assert torch.equal(loss, loss_fast) and accs_fast.shape == (1,) and accs_fast[0] == accs[-1]
+    assert graph_nodes(loss) == graph_nodes(loss_fast)
+    assert torch.equal(meta_grad(maml, tasks)[1], flat(torch.autograd.grad(loss_fast, list(maml.net.parameters()))))
+    with torch.no_grad():   # the accuracies after 0..update_step steps, as evaluation computes them
+        assert torch.equal(accs, maml._batched(*tasks, maml.n_way, maml.update_step, tuple(range(4)), (), False,
+                                               True)[1].mean(0))
 
 
 def test_forward_takes_one_adam_step_and_finetunning_leaves_parameters_alone():
@@ -172,3 +191,11 @@ def test_a_meta_built_anywhere_keeps_freed_memory_in_the_heap():
         return int(subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout)
     assert mapped_blocks(build=False) == 1, 'without Meta glibc maps the block (the check can fail)'
     assert mapped_blocks(build=True) == 0
+
+
+def test_a_checkpoint_with_an_option_this_version_lacks_is_refused_not_loaded_as_plain_maml():
+    ckpt = make_meta().checkpoint()
+    ckpt['hparams']['inner_momentum'] = 0.9   # an option of a later version
+    with pytest.raises(DamagedError, match=r"trained with inner_momentum, which this version of the code does not "
+                                           r"know, so it would load as another model"):
+        Meta.from_state(ckpt)

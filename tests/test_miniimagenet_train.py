@@ -8,16 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, miniimagenet_classes
-
-CLASSES = {'train': 16, 'val': 5, 'test': 5}
-PER_CLASS = 120
-# Small enough for 2 CPU cores (42x42 images, 16 filters, 5 query images per class, one inner step),
-# still second-order MAML.
-QUICK = ['--epoch', '300', '--imgsz', '42', '--num_filters', '16', '--k_qry', '5', '--update_step', '1',
-         '--update_step_test', '3', '--update_lr', '0.4', '--meta_lr', '1e-2', '--log_every', '50',
-         '--eval_every', '150', '--eval_tasks', '50', '--test_tasks', '100', '--device', 'cpu']
-
+from conftest import CLASSES, PER_CLASS, QUICK, REPO, miniimagenet_classes
 
 def subset_root(tmp_path):
     """A data root in the real layout holding the first CLASSES[mode] classes of each split with

@@ -162,7 +162,12 @@ def test_evaluate_py_refuses_what_a_checkpoint_cannot_serve(omniglot_root, tmp_p
     run = script('evaluate.py', str(tmp_path / 'best.pth'), '--data', omniglot_root, '--n_way', '20')
     assert run.returncode == 1
     assert run.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'best.pth'} ends in a head of 5 outputs, so it cannot serve 20-way tasks; "
-        f"pass --n_way 5 or fewer."]
+        "error: this checkpoint's learned head tells apart 5 classes, fewer than the 20 asked for; use at most 5 "
+        "classes, or adapt a head to any number of them at test time with --head zero or --head proto (in a "
+        "notebook: maml.serve(n_way, head='proto'))."]
+    run = script('evaluate.py', str(tmp_path / 'best.pth'), '--data', omniglot_root, '--n_way', '20', '--head',
+                 'proto', '--tasks', '4')
+    assert run.returncode == 0 and 'omniglot 20-way 1-shot' in run.stdout, run.stderr
+    assert 'proto head (at test; trained with a learned one)' in run.stdout
     run = script('evaluate.py', str(tmp_path / 'best.pth'), '--data', omniglot_root, '--ensemble', '4')
     assert run.returncode == 1 and 'needs 4 ranked checkpoints' in run.stderr and 'Traceback' not in run.stderr
