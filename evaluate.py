@@ -116,6 +116,17 @@ def load_model(ckpt, settings, head):
     return maml
 
 
+def checkpoint_step(ckpt):
+    """'step 37,000 of 60,000', and which checkpoint of its run that is when the file says."""
+    step, epoch = ckpt.get('step'), (ckpt.get('args') or {}).get('epoch')
+    if step is None:
+        return 'no step recorded'
+    text = f'step {step:,}' + (f' of {epoch:,}' if epoch else '')
+    if ckpt.get('rule') == 'validation':
+        return text + ', chosen on validation'
+    return text + (", the run's final step" if step == epoch else '')
+
+
 def describe_head(maml, ckpt):
     """'learned head', or 'proto head (at test; trained with a learned one)'."""
     trained = ckpt['hparams'].get('head', 'learned')
@@ -180,7 +191,8 @@ def main(argv=None):
     maml = load_model(ckpt, settings, flags.head)
     next_batch, which = task_sampler(settings, ckpt, flags.checkpoint, device, flags.split)
     shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query images per class'
-    print(f'{flags.checkpoint}: {settings.dataset} {shape}, {flags.tasks} {flags.split} tasks, seed {settings.seed}, '
+    print(f'{flags.checkpoint} ({checkpoint_step(ckpt)}): {settings.dataset} {shape}, {flags.tasks} {flags.split} tasks, '
+          f'seed {settings.seed}, '
           f'{device_name(device)}, torch {torch.__version__}\ndata: {which}, as {checkpoint_format(ckpt).describe()}; '
           f'{describe_head(maml, ckpt)}')
     if flags.ensemble > 1:
@@ -199,6 +211,7 @@ def main(argv=None):
                       trained_head=ckpt['hparams'].get('head', 'learned'), n_way=settings.n_way, k_spt=settings.k_spt, k_qry_test=settings.k_qry_test,
                       update_step_test=settings.update_step_test, seed=settings.seed, ensemble=flags.ensemble,
                       preset=getattr(settings, 'preset', None), checkpoint_step=ckpt.get('step'),
+                      checkpoint_of=(ckpt.get('args') or {}).get('epoch'),
                       selected_on=ckpt.get('split'), selection_acc=ckpt.get('acc'),
                       acc_by_step=[float(m) for m in mean], ci_by_step=[float(h) for h in half],
                       device=device_name(device), torch=torch.__version__)

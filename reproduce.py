@@ -10,15 +10,18 @@ A run lives in runs/<dataset>-<preset>/. A part starts the run (or resumes it fr
 on a machine without that folder, from the results/<name>-last.pth this repository ships),
 trains until --minutes have passed (the training script's --time_budget: checked every
 --log_every steps; data preparation and the final evaluations come on top), and ends as the
-training script ends: best.pth evaluated once on the test split. Then `evaluate.py` scores
-best.pth again, over the same test tasks, into results/<name>-test.json, and the run's
-metrics.csv and learning curve are copied to results/, with the checkpoints anyone can check the
-figure with: results/<name>.pth (best.pth, its test figure stored in it) and, while the run has
-not reached its --epoch, results/<name>-last.pth (so that the run outlives its machine). A run
-that has reached its --epoch only gets evaluated; `-- --epoch N` extends it. --export DIR copies
-the run folder and its results, in this repository's layout, to DIR: what a lent machine must send
-back for a later part to continue elsewhere (copy them into the repository). Flags after `--` go
-to the training script (`--data` also to evaluate.py).
+training script ends: best.pth evaluated once on the test split. Then `evaluate.py` scores two
+checkpoints over the same test tasks, each by a rule of its own (RULES):
+    validation   best.pth, chosen on the validation split: results/<name>.pth, <name>-test.json
+    final        last.pth at the run's last step, as the paper's code tests (it never chooses):
+                 results/<name>-final.pth, <name>-final-test.json; while the run has not reached
+                 its --epoch, its latest step instead: results/<name>-last.pth, <name>-last-test.json
+                 (so that the run also outlives its machine)
+Each shipped checkpoint stores its figure. The run's metrics.csv and learning curve are copied to
+results/ too. A run that has reached its --epoch only gets evaluated; `-- --epoch N` extends it.
+--export DIR copies the run folder and its results, in this repository's layout, to DIR: what
+another machine needs for a later part to continue there (copy DIR's contents into its
+repository; docs/gpu.md). Flags after `--` go to the training script (`--data` also to evaluate.py).
 """
 import argparse
 import json
@@ -29,7 +32,7 @@ import sys
 
 import torch
 
-from maml.checkpoints import atomic_save, load_checkpoint, read_metrics
+from maml.checkpoints import atomic_save, load_checkpoint, portable_path, read_metrics
 from maml.errors import FlagError, RunError
 from maml.presets import PRESETS
 from maml.trainer import format_duration, run_main
@@ -64,14 +67,12 @@ def run_folder(runs, name):
 
 def progress(runs, name, results=None):
     """(steps done, steps of the run) from the run's last.pth, or (0, the preset's) before it starts.
-    With `results`, a run this machine lacks is read from what results/ ships (a shipped best.pth
-    without a last.pth is a run that has ended)."""
+    With `results`, a run this machine lacks is read from what results/ ships (a shipped final
+    checkpoint is a run that has ended)."""
     last = os.path.join(run_folder(runs, name), 'last.pth')
     if not os.path.exists(last) and results is not None:
-        best, last = shipped(results, name)
-        if not os.path.exists(last) and os.path.exists(best):
-            total = load_checkpoint(best, map_location='cpu')['args']['epoch']
-            return total, total
+        shipped_files = shipped(results, name)
+        last = next((shipped_files[rule] for rule in ('final', 'latest') if os.path.exists(shipped_files[rule])), last)
     if not os.path.exists(last):
         dataset, preset = experiment(name)
         return 0, PRESETS[dataset][preset]['epoch']
@@ -91,7 +92,7 @@ def best_step(runs, name, results):
     """The step of the run's best.pth (the shipped one on a machine without the run), or None
     before its first evaluation."""
     best = os.path.join(run_folder(runs, name), 'best.pth')
-    best = best if os.path.exists(best) else shipped(results, name)[0]
+    best = best if os.path.exists(best) else shipped(results, name)['validation']
     return load_checkpoint(best, map_location='cpu')['step'] if os.path.exists(best) else None
 
 
@@ -104,25 +105,32 @@ def next_unfinished(runs):
     raise RunError('every experiment of the paper has reached its end; nothing is left to run.')
 
 
+# the rules by which a checkpoint of a run is chosen to be scored: its file in the run folder, the
+# stem of what results/ ships of it (+ .pth, -test.json), and how a figure's label names the rule
+RULES = {'validation': ('best.pth', '', 'chosen on validation'),
+         'final': ('last.pth', '-final', "the final step (the paper's rule)"),
+         'latest': ('last.pth', '-last', 'the latest step (the run has not ended)')}
+
+
 def shipped(results, name):
-    """The checkpoints results/ ships of a run: (selected best.pth, last.pth of an unfinished run)."""
+    """{rule: the checkpoint results/ ships of the run by that rule} (RULES)."""
     stem = os.path.join(results, name.replace('/', '-'))
-    return f'{stem}.pth', f'{stem}-last.pth'
+    return {rule: f'{stem}{suffix}.pth' for rule, (_, suffix, _) in RULES.items()}
 
 
 def restore(name, runs, results):
-    """Rebuild a run folder this machine lacks from what results/ ships (last.pth, best.pth, also as
-    its ranked file so that a better evaluation is needed to displace it, and metrics.csv), so the
-    run resumes where its last part stopped on whatever machine ran it."""
-    folder = run_folder(runs, name)
-    best, last = shipped(results, name)
-    if os.path.exists(os.path.join(folder, 'last.pth')) or not os.path.exists(last):
+    """Rebuild a run folder this machine lacks from what results/ ships (the latest checkpoint,
+    best.pth, also as its ranked file so that a better evaluation is needed to displace it, and
+    metrics.csv), so the run resumes where its last part stopped on whatever machine ran it."""
+    folder, files = run_folder(runs, name), shipped(results, name)
+    if os.path.exists(os.path.join(folder, 'last.pth')) or not os.path.exists(files['latest']):
         return
     os.makedirs(folder, exist_ok=True)
-    copies = [(last, 'last.pth'), (f"{best[:-len('.pth')]}.csv", 'metrics.csv')]
-    if os.path.exists(best):
-        selected = load_checkpoint(best, map_location='cpu')
-        copies += [(best, 'best.pth'), (best, f"maml_step{selected['step']}_acc{selected['acc']:.4f}.pth")]
+    copies = [(files['latest'], 'last.pth'), (f"{files['validation'][:-len('.pth')]}.csv", 'metrics.csv')]
+    if os.path.exists(files['validation']):
+        selected = load_checkpoint(files['validation'], map_location='cpu')
+        copies += [(files['validation'], 'best.pth'),
+                   (files['validation'], f"maml_step{selected['step']}_acc{selected['acc']:.4f}.pth")]
     for src, dest in copies:
         if os.path.exists(src):
             shutil.copyfile(src, os.path.join(folder, dest))
@@ -149,18 +157,35 @@ def train_part(name, runs, minutes, device, extra):
 
 
 def collect(name, runs, results, device, extra):
-    """evaluate.py on best.pth, over the test tasks of the run's own final report, into
-    results/<name>-test.json, and the checkpoints behind the figure into results/ (`ship`); the
-    run's metrics and curve into results/."""
+    """evaluate.py on best.pth (chosen on validation) and on last.pth (the final step, or the
+    latest while the run goes on), over the test tasks of the run's own final report, into
+    results/<name>[-final|-last]-test.json, each checkpoint shipped beside its report with its figure
+    stored in it (`ship`); the run's metrics and curve into results/. Returns {rule: report path}."""
     folder, stem = run_folder(runs, name), name.replace('/', '-')
-    best = os.path.join(folder, 'best.pth')
-    if not os.path.exists(best):
+    if not os.path.exists(os.path.join(folder, 'best.pth')):
         raise RunError(f'{folder} holds no best.pth yet (no evaluation has run); train it longer.')
     os.makedirs(results, exist_ok=True)
-    report = os.path.join(results, f'{stem}-test.json')
-    selected = shipped(results, name)[0]
-    snapshot = os.path.join(results, f'.{stem}.evaluating.pth')   # a run still training may replace best.pth
-    shutil.copyfile(best, snapshot)
+    done, total = progress(runs, name)
+    rules = ('validation', 'final' if done >= total else 'latest')
+    reports = {rule: score(name, folder, results, rule, device, extra) for rule in rules}
+    for rule in set(RULES) - set(rules) - {'validation'}:   # a run that ended ships no 'latest', and the reverse
+        for path in (shipped(results, name)[rule], shipped(results, name)[rule][:-len('.pth')] + '-test.json'):
+            if os.path.exists(path):
+                os.remove(path)
+    for name_in_run, name_in_results in (('metrics.csv', f'{stem}.csv'), ('learning_curve.png', f'{stem}.png')):
+        if os.path.exists(os.path.join(folder, name_in_run)):
+            shutil.copyfile(os.path.join(folder, name_in_run), os.path.join(results, name_in_results))
+    return reports
+
+
+def score(name, folder, results, rule, device, extra):
+    """evaluate.py on the run's checkpoint of `rule`, shipped as results/ names it (RULES); returns
+    the report's path."""
+    source = os.path.join(folder, RULES[rule][0])
+    selected = shipped(results, name)[rule]
+    report = selected[:-len('.pth')] + '-test.json'
+    snapshot = os.path.join(results, f'.{os.path.basename(selected)}.evaluating')   # a running part may replace it
+    shutil.copyfile(source, snapshot)
     try:
         data_root = script_flags(extra).data
         data = ['--data', data_root] if data_root else []
@@ -168,33 +193,25 @@ def collect(name, runs, results, device, extra):
         cmd = [sys.executable, os.path.join(REPO, 'evaluate.py'), snapshot, '--json', report, '--device', device,
                '--tasks', str(tasks)] + data
         if subprocess.run(cmd).returncode != 0:
-            raise RunError(f'evaluate.py could not score {best} (its message is above).')
-        ship(snapshot, selected, report)
+            raise RunError(f'evaluate.py could not score {source} (its message is above).')
+        ship(snapshot, selected, report, rule)
     finally:
         if os.path.exists(snapshot):
             os.remove(snapshot)
-    for name_in_run, name_in_results in (('metrics.csv', f'{stem}.csv'), ('learning_curve.png', f'{stem}.png')):
-        if os.path.exists(os.path.join(folder, name_in_run)):
-            shutil.copyfile(os.path.join(folder, name_in_run), os.path.join(results, name_in_results))
-    last = shipped(results, name)[1]
-    done, total = progress(runs, name)
-    if done < total:   # the run outlives its machine: the next part can start from here
-        shutil.copyfile(os.path.join(folder, 'last.pth'), last + '.tmp')
-        os.replace(last + '.tmp', last)
-    elif os.path.exists(last):
-        os.remove(last)
     return report
 
 
-def ship(evaluated, selected, report):
-    """The checkpoint evaluate.py scored into `report`, with that figure stored in it, as `selected`
-    (results/<name>.pth); the report names it there."""
+def ship(evaluated, selected, report, rule):
+    """The checkpoint evaluate.py scored into `report`, with that figure and its rule stored in it
+    and its data root as another machine reads it, as `selected` (results/...); the report names it."""
     with open(report) as f:
         r = json.load(f)
-    atomic_save({**load_checkpoint(evaluated, map_location='cpu'), 'test_acc': r['acc_by_step'][-1],
-                 'test_ci': r['ci_by_step'][-1], 'test_by_step': r['acc_by_step'], 'test_tasks': r['tasks']}, selected)
+    ckpt = load_checkpoint(evaluated, map_location='cpu')
+    args = {**ckpt['args'], 'data': portable_path(ckpt['args']['data'])} if ckpt['args'].get('data') else ckpt['args']
+    atomic_save({**ckpt, 'args': args, 'test_acc': r['acc_by_step'][-1], 'test_ci': r['ci_by_step'][-1],
+                 'test_by_step': r['acc_by_step'], 'test_tasks': r['tasks'], 'rule': rule}, selected)
     with open(report, 'w') as f:
-        json.dump({**r, 'checkpoint': os.path.relpath(selected)}, f, indent=1)
+        json.dump({**r, 'checkpoint': os.path.relpath(selected), 'rule': RULES[rule][2]}, f, indent=1)
 
 
 def export(name, runs, results, dest):
@@ -212,26 +229,33 @@ def export(name, runs, results, dest):
     print(f'{name}: run files and results copied to {dest}')
 
 
+def figure(results, name, rule):
+    """'97.70 +- 0.55% (step 36500)' of the run's shipped report by `rule`, or None."""
+    path = shipped(results, name)[rule][:-len('.pth')] + '-test.json'
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        r = json.load(f)
+    return f"{100 * r['acc_by_step'][-1]:.2f} +- {100 * r['ci_by_step'][-1]:.2f}% (step {r['checkpoint_step']})"
+
+
 def status(runs, results):
-    """One line per experiment: steps, wall time, the selected checkpoint and its test accuracy, the paper's."""
-    lines = [f"{'experiment':25} {'steps':>15} {'wall':>7} {'best.pth':>40} {'test accuracy (evaluate.py)':>28}  paper"]
+    """One line per experiment: steps, wall time, the test accuracy of its final (or latest) step
+    and of its checkpoint chosen on validation, and the paper's."""
+    lines = [f"{'experiment':25} {'steps':>15} {'wall':>7} {'final step (paper):':>28} "
+             f"{'chosen on validation:':>28}  paper"]
     for name in PAPER:
         done, total = progress(runs, name, results)
-        report = os.path.join(results, name.replace('/', '-') + '-test.json')
         rows = read_metrics(run_folder(runs, name)) or read_metrics(results, name.replace('/', '-') + '.csv')
-        best, test = '-', 'not evaluated'
-        if os.path.exists(report):
-            with open(report) as f:
-                r = json.load(f)
-            best = 'older report'   # written before evaluate.py named the checkpoint's step
-            if r.get('checkpoint_step') is not None:
-                best = f"step {r['checkpoint_step']}, {r['selected_on']} {100 * r['selection_acc']:.2f}%"
-                if r['checkpoint_step'] != best_step(runs, name, results):
-                    best += ' (stale: --collect)'
-            test = f"{100 * r['acc_by_step'][-1]:.2f} +- {100 * r['ci_by_step'][-1]:.2f}% ({r['tasks']} tasks)"
+        final = figure(results, name, 'final') or (f'latest {figure(results, name, "latest")}'
+                                                   if figure(results, name, 'latest') else 'not evaluated')
+        chosen = figure(results, name, 'validation') or 'not evaluated'
+        best = best_step(runs, name, results)
+        if chosen != 'not evaluated' and best is not None and f'(step {best})' not in chosen:
+            chosen += ' (stale: --collect)'
         steps = f'{done} of {total}' if done else 'no checkpoint'
         wall = format_duration(float(rows[-1]['elapsed_s'])) if rows else '-'
-        lines.append(f'{name:25} {steps:>15} {wall:>7} {best:>40} {test:>28}  {PAPER[name]}')
+        lines.append(f'{name:25} {steps:>15} {wall:>7} {final:>28} {chosen:>28}  {PAPER[name]}')
     return '\n'.join(lines)
 
 
@@ -250,8 +274,9 @@ def main(argv=None):
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--runs', default='runs', help='folder of the run folders')
     p.add_argument('--results', default='results', help='folder of the collected results')
-    p.add_argument('--export', help='also copy the run and its results here, in this repository\'s layout (on a '
-                                    'lent GPU, gpu/plan.py packs them for the trip back)')
+    p.add_argument('--export', help='also copy the run and its results here, in this repository\'s layout, to '
+                                    'continue the run on another machine (gpu/plan.py packs them in pieces for a '
+                                    'transfer that bounds file sizes)')
     p.add_argument('--collect', action='store_true',
                    help='train nothing: evaluate and collect the run as it stands (e.g. one stopped by hand)')
     flags = p.parse_args(argv)
@@ -266,14 +291,13 @@ def main(argv=None):
     try:
         if not flags.collect:
             train_part(name, flags.runs, flags.minutes, flags.device, extra)
-        report = collect(name, flags.runs, flags.results, flags.device, extra)
+        reports = collect(name, flags.runs, flags.results, flags.device, extra)
     finally:
         if flags.export and os.path.isdir(run_folder(flags.runs, name)):
             export(name, flags.runs, flags.results, flags.export)
-    with open(report) as f:
-        r = json.load(f)
-    print(f"{name}: test acc {100 * r['acc_by_step'][-1]:.2f} +- {100 * r['ci_by_step'][-1]:.2f}% "
-          f"(best.pth from step {r['checkpoint_step']}); the paper: {PAPER.get(name, '-')}")
+    for rule in reports:
+        print(f"{name}: test acc of {RULES[rule][2]}: {figure(flags.results, name, rule)}")
+    print(f"{name}: the paper: {PAPER.get(name, '-')}")
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import torch
 
 import reproduce
 from conftest import REPO
+from maml.checkpoints import portable_path
 from maml.errors import FlagError
 
 TINY = ['--task_num', '2', '--num_filters', '8', '--log_every', '2', '--eval_every', '2', '--eval_tasks', '20',
@@ -42,7 +43,12 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     results = tmp_path / 'results'
     shipped = torch.load(results / 'omniglot-paper-5w1s.pth', weights_only=True)
     assert (shipped['step'], shipped['test_by_step']) == (best['step'], report['acc_by_step']), 'the figure, stored'
-    assert not (results / 'omniglot-paper-5w1s-last.pth').exists(), 'a run at its end ships best.pth alone'
+    assert report['rule'] == 'chosen on validation' and shipped['rule'] == 'validation'
+    final = torch.load(results / 'omniglot-paper-5w1s-final.pth', weights_only=True)
+    final_report = json.loads((results / 'omniglot-paper-5w1s-final-test.json').read_text())
+    assert (final['step'], final['rule'], final_report['checkpoint_step']) == (4, 'final', 4), 'the paper\'s rule too'
+    assert final_report['rule'] == "the final step (the paper's rule)" and final['test_by_step'] == final_report['acc_by_step']
+    assert not (results / 'omniglot-paper-5w1s-last.pth').exists(), 'a run at its end ships no in-progress copy'
 
     second = part(tmp_path, 'omniglot/paper-5w1s', '--minutes', '1e-6', extra=['--data', omniglot_root, '--epoch', '8'])
     assert second.returncode == 0, second.stderr
@@ -50,7 +56,9 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     assert 'trained to step 6 in' in second.stdout and 'of wall time (evaluations included; the run so far' in second.stdout
     with open(tmp_path / 'results' / 'omniglot-paper-5w1s.csv') as f:
         assert [r['step'] for r in csv.DictReader(f)] == ['2', '4', '6'], 'the budget ends the part at its first log'
-    assert torch.load(results / 'omniglot-paper-5w1s-last.pth', weights_only=True)['step'] == 6, 'unfinished: shipped'
+    latest = torch.load(results / 'omniglot-paper-5w1s-last.pth', weights_only=True)
+    assert (latest['step'], latest['rule']) == (6, 'latest') and 'test_acc' in latest, 'unfinished: shipped, scored'
+    assert not (results / 'omniglot-paper-5w1s-final.pth').exists(), 'step 4 is no longer the final step'
 
     (tmp_path / 'results' / 'omniglot-paper-5w1s-test.json').unlink()
     collected = part(tmp_path, 'omniglot/paper-5w1s', '--collect', extra=['--data', omniglot_root])
@@ -66,6 +74,7 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     assert third.returncode == 0, third.stderr
     assert 'rebuilt from' in third.stdout and 'resumed from' in third.stdout and 'at step 6' in third.stdout
     assert not (results / 'omniglot-paper-5w1s-last.pth').exists(), 'at its end the in-progress copy goes'
+    assert torch.load(results / 'omniglot-paper-5w1s-final.pth', weights_only=True)['step'] == 8
     assert torch.load(folder / 'last.pth', weights_only=True)['step'] == 8, 'without a budget, to the end'
     assert reproduce.next_unfinished(str(tmp_path / 'runs')) == 'omniglot/paper-5w5s'
     finished = table()
@@ -73,6 +82,17 @@ def test_parts_start_continue_and_collect_a_presets_run(omniglot_root, tmp_path)
     report_path = tmp_path / 'results' / 'omniglot-paper-5w1s-test.json'
     report_path.write_text(json.dumps({**json.loads(report_path.read_text()), 'checkpoint_step': 2 * 10 ** 6}))
     assert 'stale: --collect' in table(), 'a report of another best.pth says so'
+
+
+def test_reports_and_shipped_checkpoints_write_this_machines_paths_as_another_machine_reads_them(tmp_path, monkeypatch):
+    work = tmp_path / 'home' / 'work'
+    work.mkdir(parents=True)
+    monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+    monkeypatch.chdir(work)
+    assert portable_path(f'{work}/data/omniglot') == 'data/omniglot'
+    assert portable_path(f'the Omniglot test characters in {tmp_path}/home/omniglot') == \
+        'the Omniglot test characters in ~/omniglot'
+    assert portable_path('/srv/data/omniglot') == '/srv/data/omniglot', 'a path elsewhere stays as it is'
 
 
 def test_the_training_scripts_flags_are_read_as_argparse_reads_them():
