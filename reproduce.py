@@ -194,20 +194,22 @@ def score(name, folder, results, rule, device, extra):
                '--tasks', str(tasks)] + data
         if subprocess.run(cmd).returncode != 0:
             raise RunError(f'evaluate.py could not score {source} (its message is above).')
-        ship(snapshot, selected, report, rule)
+        ship(snapshot, selected, report, rule, data_root)
     finally:
         if os.path.exists(snapshot):
             os.remove(snapshot)
     return report
 
 
-def ship(evaluated, selected, report, rule):
+def ship(evaluated, selected, report, rule, data_root=None):
     """The checkpoint evaluate.py scored into `report`, with that figure and its rule stored in it
-    and its data root as another machine reads it, as `selected` (results/...); the report names it."""
+    and its data root (the one evaluate.py was given, else its own) as another machine reads it, as
+    `selected` (results/...); the report names it."""
     with open(report) as f:
         r = json.load(f)
     ckpt = load_checkpoint(evaluated, map_location='cpu')
-    args = {**ckpt['args'], 'data': portable_path(ckpt['args']['data'])} if ckpt['args'].get('data') else ckpt['args']
+    data = data_root or ckpt['args'].get('data')
+    args = {**ckpt['args'], 'data': portable_path(data)} if data else ckpt['args']
     atomic_save({**ckpt, 'args': args, 'test_acc': r['acc_by_step'][-1], 'test_ci': r['ci_by_step'][-1],
                  'test_by_step': r['acc_by_step'], 'test_tasks': r['tasks'], 'rule': rule}, selected)
     with open(report, 'w') as f:
