@@ -6,6 +6,7 @@ last task only).
 
     loss, _ = per_task_meta_loss(maml.net, list(maml.net.parameters()), tasks, 0.4, 5, create_graph=True)
     accs = reference_step(maml, x_spt, y_spt, x_qry, y_qry)   # the exact per-task meta-update
+    reference_step(maml, x_spt, y_spt, x_qry, y_qry, track_steps=False)   # the same, no per-step accuracies
     accs = seed_step(maml, seed_forward(seed_network(5), w), x_spt, y_spt, x_qry, y_qry)   # the seed's
 """
 import numpy as np
@@ -39,11 +40,12 @@ def per_task_meta_loss(forward, params, tasks, update_lr, update_step, create_gr
     return loss, corrects / tasks[3].numel() if track_steps else None
 
 
-def reference_step(maml, x_spt, y_spt, x_qry, y_qry):
+def reference_step(maml, x_spt, y_spt, x_qry, y_qry, track_steps=True):
     """The seed's Meta.forward with create_graph, so that it computes the same (second-order, unless
-    maml.first_order) meta-gradient as Meta; returns the query accuracy after each inner step."""
+    maml.first_order) meta-gradient as Meta; returns the query accuracy after each inner step, or
+    None without `track_steps` (then only the last step's query pass runs, as in Meta's untracked step)."""
     loss, accs = per_task_meta_loss(maml.net, list(maml.net.parameters()), (x_spt, y_spt, x_qry, y_qry),
-                                    maml.update_lr, maml.update_step, not maml.first_order, track_steps=True)
+                                    maml.update_lr, maml.update_step, not maml.first_order, track_steps=track_steps)
     maml.meta_update(loss)
     return accs
 

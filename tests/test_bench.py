@@ -1,5 +1,6 @@
 """The benchmark's seed-style rows compute what they claim (the same meta-update as Meta, or the
-seed's first-order last-task update), and FLOPs count right."""
+seed's first-order last-task update), rows that track the per-step accuracies compute the same ones,
+ratios set equal work side by side, --quick picks a few rows, and FLOPs count right."""
 import os
 import subprocess
 import sys
@@ -32,6 +33,52 @@ def test_reference_step_makes_the_same_meta_update_as_meta(first_order):
         if g.abs().max() > 1e-6 * scale:
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert accs.tolist() == pytest.approx(ref_accs.tolist())
+
+
+def test_tracked_rows_compute_the_seeds_per_step_accuracies_and_untracked_rows_the_same_update():
+    """What a row's tracking changes: the per-step accuracies computed, never the meta-update."""
+    tasks, accs, grads = make_tasks(), {}, {}
+    for impl in ('seed', 'reference', 'reference-untracked', 'meta', 'meta-untracked'):
+        maml = make_meta()
+        accs[impl] = bench.row_step(impl, maml)(*tasks)
+        grads[impl] = [p.grad for p in maml.net.parameters()]
+    meta = accs['meta'].tolist()
+    assert len(meta) == make_meta().update_step + 1, 'after each inner step, 0..update_step, as the seed returns them'
+    assert list(accs['seed']) == pytest.approx(meta) and list(accs['reference']) == pytest.approx(meta)
+    assert accs['reference-untracked'] is None and accs['meta-untracked'].tolist() == pytest.approx(meta[-1:])
+    for tracked, untracked in (('reference', 'reference-untracked'), ('meta', 'meta-untracked')):
+        scale = max(g.abs().max().item() for g in grads[tracked])
+        for g, g_untracked in zip(grads[tracked], grads[untracked]):
+            torch.testing.assert_close(g_untracked, g, rtol=1e-9, atol=1e-10 * scale)
+
+
+def test_ratios_are_taken_between_rows_of_the_same_workload_and_tracking():
+    row = lambda impl, ms, workload='a-so': dict(workload=workload, impl=impl, tracks=bench.yes_no(bench.tracks(impl)),
+                                                 ms_per_step=ms, images_per_s=1, peak_mem_mb=1)
+    rows = [row('seed', 800), row('reference', 400), row('reference-untracked', 200), row('meta', 100),
+            row('meta-untracked', 50), row('meta', 300, 'b-so'), row('meta+compile', 100, 'b-so'),
+            dict(workload='b-so', impl='seed', tracks='yes', error='fails at update_step 1')]
+    bench.add_speedups(rows)
+    ratios = [(r['impl'], r['workload'], r.get('speedup'), r.get('vs_seed')) for r in rows[:-1]]
+    assert ratios == [('seed', 'a-so', 0.5, 1.0), ('reference', 'a-so', 1.0, 2.0),
+                      ('reference-untracked', 'a-so', 1.0, None), ('meta', 'a-so', 4.0, 8.0),
+                      ('meta-untracked', 'a-so', 4.0, None),   # over reference-untracked, and no seed row untracked
+                      ('meta', 'b-so', None, None), ('meta+compile', 'b-so', None, None)]   # no baseline timed
+    line = bench.format_row(rows[4])
+    assert line.split()[:3] == ['a-so', 'meta-untracked', 'no'] and line.split()[-2:] == ['4.00x', '-']
+    assert 'same workload and the same' in bench.HEADER, 'the table states the rule'
+
+
+def test_quick_times_a_few_rows_unless_rows_are_named():
+    quick = bench.parse_flags(['--quick'])
+    assert quick.workloads == ['seednet-5w1s-so', 'omniglot-paper-so']
+    assert quick.impls == ['seed', 'reference', 'meta', 'meta-untracked']
+    named = bench.parse_flags(['--quick', '--workloads', 'mini-5w1s-fo', '--impls', 'meta+compile'])
+    assert (named.workloads, named.impls, named.quick) == (['mini-5w1s-fo'], ['meta+compile'], True)
+    assert bench.parse_flags(['--quick', '--impls', 'all']).impls == bench.IMPLS
+    full, every = bench.parse_flags([]), bench.parse_flags(['--quick', '--workloads', 'all'])
+    assert full.workloads == every.workloads == bench.ALL_WORKLOADS and len(bench.ALL_WORKLOADS) == 10
+    assert full.impls == bench.IMPLS and every.impls == quick.impls
 
 
 def test_flop_counter_counts_convolutions_and_their_gradients():
@@ -85,11 +132,20 @@ def test_each_row_counts_its_own_algorithms_flops(omniglot_root, monkeypatch):
     """The seed row does first-order work on a smaller network: its floor is its own, not Meta's."""
     for workload in ('omniglot-5w1s', 'omniglot-paper'):   # two tasks a step: the count scales with them
         monkeypatch.setitem(bench.WORKLOADS, workload, dict(bench.WORKLOADS[workload], task_num=2))
-    seed, reference = (bench.count_flops('omniglot-5w1s', 'so', impl, omniglot_root) for impl in ('seed', 'reference'))
-    assert 0 < seed < reference / 2
-    meta, anil, notebook = (bench.count_flops('omniglot-paper', 'so', impl, omniglot_root)
-                            for impl in ('meta', 'anil', 'notebook'))
-    assert 0 < anil < meta == notebook
+    seed, reference, untracked = (bench.count_flops('omniglot-5w1s', 'so', impl, omniglot_root)
+                                  for impl in ('seed', 'reference', 'reference-untracked'))
+    assert 0 < seed < reference / 2 and untracked < reference, 'the query passes after steps 0..4 add up'
+    meta, anil, notebook, meta_untracked = (bench.count_flops('omniglot-paper', 'so', impl, omniglot_root)
+                                            for impl in ('meta', 'anil', 'notebook', 'meta-untracked'))
+    assert 0 < anil < meta == notebook and meta_untracked < meta
+
+
+def test_flops_are_counted_on_one_task_and_two_and_extrapolated(omniglot_root, monkeypatch):
+    small = dict(task_num=3, k_qry=2, update_step=2)   # the seed's code needs two inner steps
+    monkeypatch.setitem(bench.WORKLOADS, 'omniglot-5w1s', dict(bench.WORKLOADS['omniglot-5w1s'], **small))
+    for impl in ('seed', 'meta'):   # the seed's loop differentiates its last task alone; Meta's per-task form, all
+        maml, next_batch = bench.build('omniglot-5w1s', 'so', impl, torch.device('cpu'), omniglot_root)
+        assert bench.count_flops('omniglot-5w1s', 'so', impl, omniglot_root) == bench.flops_on(impl, maml, next_batch())
 
 
 def test_a_missing_input_stops_the_benchmark_before_anything_is_timed(tmp_path):
@@ -140,5 +196,6 @@ def test_convolution_replay_counts_and_times_the_convolutions_of_a_step(groups, 
         conv()
     assert counted.flops > 0 and sorted(convs.calls.values()) == [2, 2], 'a forward and a backward call, each twice'
     flops, seconds = convs.replay(torch.device('cpu'), repeats=2)
-    assert flops == 2 * (counted.flops + 2 * counted.flops), "each gradient (input, weight) costs one forward, as torch counts it"
+    assert flops == 2 * (counted.flops + 2 * counted.flops), \
+        'each gradient (input, weight) costs one forward, as torch counts it'
     assert seconds > 0 and len(convs.timings) == 2 and 'groups' in convs.timings[0][3]
