@@ -1,7 +1,7 @@
 """
 The files of one training run, written so that nothing is ever lost or half-written.
 
-    run = RunDir('checkpoints', keep=3)   # locks the folder for this process
+    run = RunDir('checkpoints', keep=3)   # locks the folder for this process, until run.close()
     run.save(maml.checkpoint(step=500, acc=0.95, ...), row={'step': 500, 'val_acc': 0.95, ...})
     run.rollback(step)                    # on --resume: forget what came after last.pth's step
 
@@ -118,6 +118,7 @@ def stored(path, key, fallback):
 
 
 class RunDir:
+    """The run folder `save_dir`, locked (flock on .lock) until `close`, or the end of a `with` block."""
 
     def __init__(self, save_dir, keep):
         self.dir, self.keep = save_dir, keep
@@ -133,18 +134,29 @@ class RunDir:
             self._lock.close()
             raise RunError(f"Another run is writing to {save_dir}; wait for it to end or pass another "
                            f"--save_dir.") from None
-        for name in os.listdir(save_dir):
-            if OWN_TEMPORARY.match(name):   # left by a kill between write and rename
-                os.remove(self.path(name))
-        # ranked by the accuracy each file stores: the names round it to 4 digits
-        self.ranked = sorted(((float(stored(self.path(f), 'acc', float(m[2]))), int(m[1]), self.path(f))
-                              for f in os.listdir(save_dir) if (m := RANKED.match(f))), reverse=True)
+        try:
+            for name in os.listdir(save_dir):
+                if OWN_TEMPORARY.match(name):   # left by a kill between write and rename
+                    os.remove(self.path(name))
+            # ranked by the accuracy each file stores: the names round it to 4 digits
+            self.ranked = sorted(((float(stored(self.path(f), 'acc', float(m[2]))), int(m[1]), self.path(f))
+                                  for f in os.listdir(save_dir) if (m := RANKED.match(f))), reverse=True)
+        except BaseException:
+            self.close()   # no RunDir comes back to close, so the folder must not stay locked
+            raise
 
     def path(self, name):
         return os.path.join(self.dir, name)
 
     def close(self):
+        """Release the folder to the next run; closing again does nothing."""
         self._lock.close()   # releases the flock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def has_checkpoints(self):
         return bool(self.ranked) or any(os.path.exists(self.path(f)) for f in ('best.pth', 'last.pth'))

@@ -20,6 +20,7 @@ gives rank r the state rank r saved; ranks the writing run did not have start th
 """
 import contextlib
 import datetime
+import importlib
 import io
 import os
 import sys
@@ -64,6 +65,10 @@ def init(device):
     device = torch.device(device)
     if int(os.environ.get('WORLD_SIZE', '1')) < 2 or active():
         return device
+    # Imported while there is no group yet: its functions take group.WORLD, the group of the moment, as
+    # a default argument, and a group held there outlives destroy_process_group (see `leave`). The
+    # first optimizer imports it (through torch._dynamo), and Meta's is made after this.
+    importlib.import_module('torch.distributed.nn')
     local_rank, local_size = int(os.environ['LOCAL_RANK']), int(os.environ['LOCAL_WORLD_SIZE'])
     if device.type == 'cuda':
         if local_size > torch.cuda.device_count():
@@ -84,6 +89,10 @@ def init(device):
 
 
 def leave():
+    """Leave the process group: its threads (gloo's workers and socket loop, and the TCPStore server
+    that rank 0 hosts when torchrun's agent does not) end here, rather than run on into the
+    interpreter's shutdown and the process's exit, where a rank could abort ('terminate called
+    without an active exception'). They end only if nothing else holds the group; see `init`."""
     if active():
         dist.destroy_process_group()
 
@@ -261,3 +270,9 @@ class FollowerRun:
 
     def close(self):
         pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -5,12 +5,13 @@ report. The files a run writes into --save_dir are described in checkpoints.py.
 
     args = flags.parse_args(parser, 'omniglot')
     device = setup_device(args)
-    run = fit(maml, loader, next_train_batch, validate, args, split='val')
-    report_test(run, lambda best: test_accuracies(best), args.test_tasks, device)
+    run = fit(maml, loader, next_train_batch, validate, args, split='val')   # the run folder, locked
+    report_test(run, lambda best: test_accuracies(best), args.test_tasks, device)   # ... and closed
 
 Under torchrun the same code trains on several processes (distributed.py): setup_device joins the
 process group, fit and evaluate share out the work, and only rank 0 prints and writes files.
 """
+import contextlib
 import math
 import os
 import sys
@@ -82,6 +83,18 @@ def format_duration(seconds):
     return f'{seconds:.0f} s' if minutes < 2 else f'{minutes:.0f} min' if minutes < 120 else f'{minutes / 60:.1f} h'
 
 
+@contextlib.contextmanager
+def closed_on_error(run):
+    """Run the block with `run` (a RunDir or distributed.FollowerRun) open, and close it if the block
+    raises: a run that stops (a refused folder, ^C, divergence, a failed save) frees its folder at
+    once, not when its error's traceback, which holds the run, is freed (a notebook keeps it)."""
+    try:
+        yield run
+    except BaseException:
+        run.close()
+        raise
+
+
 def open_run(args, sampler):
     """The run folder, locked, with the resumed state loaded into `sampler`; (run, start step, elapsed s).
     Only rank 0 opens the folder; the other ranks get a distributed.FollowerRun."""
@@ -89,7 +102,8 @@ def open_run(args, sampler):
     ckpt = args.resume_ckpt
     if ckpt is None:
         return run, 0, 0.0
-    distributed.load_sampler_state(sampler, ckpt)
+    with closed_on_error(run):
+        distributed.load_sampler_state(sampler, ckpt)
     return run, ckpt['step'], ckpt.get('elapsed_s', 0.0)
 
 
@@ -97,30 +111,27 @@ def open_run_dir(args):
     """The locked RunDir of --save_dir, checked to be empty or, on --resume, rolled back to its step."""
     run = RunDir(args.save_dir, args.keep)
     ckpt = args.resume_ckpt
-    if ckpt is None:
-        if not run.is_empty():
-            run.close()
-            if not os.path.exists(run.path('last.pth')):
-                raise RunError(f"{args.save_dir} holds files of an earlier run that stopped in its first "
-                               f"evaluation, before any last.pth to resume from; delete the folder or pass "
-                               f"another --save_dir.")
-            raise RunError(f"{args.save_dir} already holds checkpoints of an earlier run; continue it with "
-                           f"--resume {run.path('last.pth')}, or pass another --save_dir.")
-        return run
-    if run.holds(args.resume):
-        last = run.path('last.pth')
-        if os.path.exists(last) and ckpt['step'] < load_checkpoint(last, map_location='cpu')['step']:
-            run.close()
-            raise RunError(f"{args.resume} is an earlier checkpoint of the run in {args.save_dir}; continuing "
-                           f"there would discard the evaluations after it, so resume from "
-                           f"{last}, or branch from it into an empty --save_dir.")
-        run.rollback(ckpt['step'])
-    elif not run.has_checkpoints():   # empty, or holding only what an interrupted resume had adopted
-        run.adopt_metrics(os.path.dirname(args.resume), ckpt['step'])
-    else:
-        run.close()
-        raise RunError(f"--save_dir {args.save_dir} holds another run's checkpoints, not those of "
-                       f"{args.resume}; resume into the folder it came from or into an empty --save_dir.")
+    with closed_on_error(run):
+        if ckpt is None:
+            if not run.is_empty():
+                if not os.path.exists(run.path('last.pth')):
+                    raise RunError(f"{args.save_dir} holds files of an earlier run that stopped in its first "
+                                   f"evaluation, before any last.pth to resume from; delete the folder or pass "
+                                   f"another --save_dir.")
+                raise RunError(f"{args.save_dir} already holds checkpoints of an earlier run; continue it with "
+                               f"--resume {run.path('last.pth')}, or pass another --save_dir.")
+        elif run.holds(args.resume):
+            last = run.path('last.pth')
+            if os.path.exists(last) and ckpt['step'] < load_checkpoint(last, map_location='cpu')['step']:
+                raise RunError(f"{args.resume} is an earlier checkpoint of the run in {args.save_dir}; continuing "
+                               f"there would discard the evaluations after it, so resume from "
+                               f"{last}, or branch from it into an empty --save_dir.")
+            run.rollback(ckpt['step'])
+        elif not run.has_checkpoints():   # empty, or holding only what an interrupted resume had adopted
+            run.adopt_metrics(os.path.dirname(args.resume), ckpt['step'])
+        else:
+            raise RunError(f"--save_dir {args.save_dir} holds another run's checkpoints, not those of "
+                           f"{args.resume}; resume into the folder it came from or into an empty --save_dir.")
     return run
 
 
@@ -136,69 +147,73 @@ def check_loss(loss, step, n_way):
 def fit(maml, sampler, next_train_batch, validate, args, split='val', data=None):
     """Meta-train for --epoch steps. `validate()` returns accs [tasks, steps+1] on `split`, which
     ranks the checkpoints; `data`, when given, is stored in every checkpoint (what evaluation needs
-    to find and decode the images again, folder.ImageFolder.record). Returns the RunDir (still locked)."""
+    to find and decode the images again, folder.ImageFolder.record). Returns the RunDir still locked,
+    for report_test, which closes it; if training stops with an error, the RunDir is closed first."""
     device = next(maml.parameters()).device
     run, start, elapsed = open_run(args, sampler)
-    if args.resume_ckpt is not None:
-        maml.load_state(args.resume_ckpt)   # weights, optimizer, the family's extras and schedule
-        print(f'resumed from {args.resume} at step {start}')
-    distributed.attach(maml)
-    images_per_step = args.task_num * args.n_way * (args.k_spt + args.k_qry)
-    train_acc, ms_per_step = math.nan, math.nan
-    run_start, tic, tic_step = time.perf_counter(), time.perf_counter(), start
-    step = start
-    bar = progress_bar(total=args.epoch, initial=start, desc='meta-training', unit='step', dynamic_ncols=True)
-    try:
-        for step in range(start + 1, args.epoch + 1):
-            log = step % args.log_every == 0
-            evaluate_now = step % args.eval_every == 0 or step == args.epoch
-            estimate = step == start + 3 and step < args.epoch
-            loss, accs = maml.meta_loss(*next_train_batch(), track_steps=log)
-            maml.meta_update(loss)
-            bar.update()
-            if log or evaluate_now or estimate or step == start + 1:   # the only steps that wait for the device
-                loss, accs = distributed.mean_over_ranks(loss.detach(), accs)   # the whole meta-batch's
-                loss = loss.item()
-                check_loss(loss, step, args.n_way)
-            if step == start + 1:
-                tic_estimate = time.perf_counter()   # the first step includes warm-up (and compilation)
-            if estimate:
-                print_estimate((time.perf_counter() - tic_estimate) / 2, step, args, device)
-            out_of_time = log and over_budget(args.time_budget, time.perf_counter() - run_start)
-            if log:
-                accs = accs.tolist()
-                train_acc = accs[-1]
-                ms_per_step = 1e3 * (time.perf_counter() - tic) / (step - tic_step)
-                tic, tic_step = time.perf_counter(), step
-                log_line(bar, f'step {step:6d}  loss {loss:.4f}  train acc {format_accs(accs)}  '
-                              f'{ms_per_step:.1f} ms/step  {1e3 * images_per_step / ms_per_step:.0f} img/s')
-            if evaluate_now or out_of_time:
-                t = time.perf_counter()
-                mean, half = mean_ci(validate())
-                acc, ci = float(mean[-1]), float(half[-1])
-                log_line(bar, f'step {step:6d}  {split} acc {acc:.4f} +- {ci:.4f} over {args.eval_tasks} tasks '
-                              f'({time.perf_counter() - t:.1f} s)  by step: {format_accs(mean)}')
-                wall = elapsed + time.perf_counter() - run_start
-                ckpt = maml.checkpoint(step=step, acc=acc, ci=ci, split=split, args=plain_dict(args), elapsed_s=wall,
-                                       **({'data': data} if data else {}), **distributed.sampler_states(sampler))
-                row = {'step': step, 'train_acc': train_acc, f'{split}_acc': acc, f'{split}_ci': ci,
-                       'ms_per_step': ms_per_step, 'elapsed_s': round(wall, 1)}
-                distributed.on_main(lambda: record(run, ckpt, row))
-                tic, tic_step = time.perf_counter(), step
-            if out_of_time:
-                log_line(bar, f'step {step:6d}  --time_budget of {args.time_budget:g} min reached: training ends here')
-                break
-    except KeyboardInterrupt:
-        saved = os.path.exists(run.path('last.pth'))
-        raise RunError(f"interrupted at step {step}; " + (
-            f"resume with --resume {run.path('last.pth')} (its files are complete)." if saved else
-            "no checkpoint had been written yet.")) from None
-    finally:
-        bar.close()
-    if step > start and distributed.is_main():
-        print(f'trained to step {step} in {format_duration(time.perf_counter() - run_start)} of wall time '
-              f'(evaluations included; the run so far: {format_duration(elapsed + time.perf_counter() - run_start)})',
-              flush=True)
+    with closed_on_error(run):
+        if args.resume_ckpt is not None:
+            maml.load_state(args.resume_ckpt)   # weights, optimizer, the family's extras and schedule
+            print(f'resumed from {args.resume} at step {start}')
+        distributed.attach(maml)
+        images_per_step = args.task_num * args.n_way * (args.k_spt + args.k_qry)
+        train_acc, ms_per_step = math.nan, math.nan
+        run_start, tic, tic_step = time.perf_counter(), time.perf_counter(), start
+        step = start
+        bar = progress_bar(total=args.epoch, initial=start, desc='meta-training', unit='step', dynamic_ncols=True)
+        try:
+            for step in range(start + 1, args.epoch + 1):
+                log = step % args.log_every == 0
+                evaluate_now = step % args.eval_every == 0 or step == args.epoch
+                estimate = step == start + 3 and step < args.epoch
+                loss, accs = maml.meta_loss(*next_train_batch(), track_steps=log)
+                maml.meta_update(loss)
+                bar.update()
+                if log or evaluate_now or estimate or step == start + 1:   # the only steps that wait for the device
+                    loss, accs = distributed.mean_over_ranks(loss.detach(), accs)   # the whole meta-batch's
+                    loss = loss.item()
+                    check_loss(loss, step, args.n_way)
+                if step == start + 1:
+                    tic_estimate = time.perf_counter()   # the first step includes warm-up (and compilation)
+                if estimate:
+                    print_estimate((time.perf_counter() - tic_estimate) / 2, step, args, device)
+                out_of_time = log and over_budget(args.time_budget, time.perf_counter() - run_start)
+                if log:
+                    accs = accs.tolist()
+                    train_acc = accs[-1]
+                    ms_per_step = 1e3 * (time.perf_counter() - tic) / (step - tic_step)
+                    tic, tic_step = time.perf_counter(), step
+                    log_line(bar, f'step {step:6d}  loss {loss:.4f}  train acc {format_accs(accs)}  '
+                                  f'{ms_per_step:.1f} ms/step  {1e3 * images_per_step / ms_per_step:.0f} img/s')
+                if evaluate_now or out_of_time:
+                    t = time.perf_counter()
+                    mean, half = mean_ci(validate())
+                    acc, ci = float(mean[-1]), float(half[-1])
+                    log_line(bar, f'step {step:6d}  {split} acc {acc:.4f} +- {ci:.4f} over {args.eval_tasks} tasks '
+                                  f'({time.perf_counter() - t:.1f} s)  by step: {format_accs(mean)}')
+                    wall = elapsed + time.perf_counter() - run_start
+                    ckpt = maml.checkpoint(step=step, acc=acc, ci=ci, split=split, args=plain_dict(args),
+                                           elapsed_s=wall, **({'data': data} if data else {}),
+                                           **distributed.sampler_states(sampler))
+                    row = {'step': step, 'train_acc': train_acc, f'{split}_acc': acc, f'{split}_ci': ci,
+                           'ms_per_step': ms_per_step, 'elapsed_s': round(wall, 1)}
+                    distributed.on_main(lambda: record(run, ckpt, row))
+                    tic, tic_step = time.perf_counter(), step
+                if out_of_time:
+                    log_line(bar, f'step {step:6d}  --time_budget of {args.time_budget:g} min reached: '
+                                  f'training ends here')
+                    break
+        except KeyboardInterrupt:
+            saved = os.path.exists(run.path('last.pth'))
+            raise RunError(f"interrupted at step {step}; " + (
+                f"resume with --resume {run.path('last.pth')} (its files are complete)." if saved else
+                "no checkpoint had been written yet.")) from None
+        finally:
+            bar.close()
+        if step > start and distributed.is_main():
+            print(f'trained to step {step} in {format_duration(time.perf_counter() - run_start)} of wall time '
+                  f'(evaluations included; the run so far: '
+                  f'{format_duration(elapsed + time.perf_counter() - run_start)})', flush=True)
     return run
 
 
@@ -242,16 +257,18 @@ def draw_learning_curve(folder):
 def report_test(run, test_accs, n_tasks, device):
     """Evaluate the selected model, best.pth, once on the test split: `test_accs(ckpt)` returns
     accs [tasks, steps+1] of the model that checkpoint dict holds. Prints the result and adds it to best.pth as test_acc and test_ci.
-    With several ranks, all evaluate their share of the tasks, and rank 0 writes."""
-    best_path = run.path('best.pth')
-    selected = distributed.load_shared_checkpoint(best_path, map_location=device)
-    mean, half = mean_ci(test_accs(selected))
-    if not distributed.is_main():
-        return
-    print(f"test acc of best.pth (step {selected['step']}, {selected['split']} acc {selected['acc']:.4f}): "
-          f"{mean[-1]:.4f} +- {half[-1]:.4f} over {n_tasks} tasks  by step: {format_accs(mean)}")
-    atomic_save({**selected, 'test_acc': float(mean[-1]), 'test_ci': float(half[-1]),
-                 'test_by_step': [float(m) for m in mean]}, best_path)
+    With several ranks, all evaluate their share of the tasks, and rank 0 writes. The report is the
+    run's last step: `run` (from fit, still locked) is closed when it ends, however it ends."""
+    with run:
+        best_path = run.path('best.pth')
+        selected = distributed.load_shared_checkpoint(best_path, map_location=device)
+        mean, half = mean_ci(test_accs(selected))
+        if not distributed.is_main():
+            return
+        print(f"test acc of best.pth (step {selected['step']}, {selected['split']} acc {selected['acc']:.4f}): "
+              f"{mean[-1]:.4f} +- {half[-1]:.4f} over {n_tasks} tasks  by step: {format_accs(mean)}")
+        atomic_save({**selected, 'test_acc': float(mean[-1]), 'test_ci': float(half[-1]),
+                     'test_by_step': [float(m) for m in mean]}, best_path)
 
 
 PLAIN = (int, float, str, bool, type(None))

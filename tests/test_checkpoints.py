@@ -11,7 +11,7 @@ from maml.checkpoints import RunDir, atomic_save, load_checkpoint
 from maml.devices import available_device
 from maml.errors import DamagedError, FlagError, MissingError, RunError
 from maml.flags import make_parser, parse_args
-from maml.trainer import fit
+from maml.trainer import fit, report_test
 from meta import Meta
 
 
@@ -314,6 +314,51 @@ def test_a_diverging_inner_loop_stops_the_run(tmp_path):
     with pytest.raises(RunError, match='so the run diverged; lower --meta_lr or --update_lr'):
         run_fit(tmp_path, epoch=4, maml=maml)
     assert not os.path.exists(tmp_path / 'last.pth')
+
+
+def test_a_run_that_stops_leaves_its_folder_unlocked_while_its_error_lives_on(tmp_path):
+    """However a run ends (diverged, interrupted, refused, its test report failing, or done), the
+    next RunDir on its folder opens at once in the same process, while the error's traceback,
+    which holds the first run, is still alive (as it is in a notebook or under pytest.raises)."""
+    def reopen(folder):
+        RunDir(str(folder), keep=2).close()   # 'Another run is writing to ...' if the lock were held
+
+    small = make_meta()
+    diverging = Meta(small.net.config, **{**small.hparams(), 'update_lr': 1e6}).double()
+    with pytest.raises(RunError, match='so the run diverged') as diverged:
+        run_fit(tmp_path / 'diverged', epoch=4, maml=diverging)
+    reopen(tmp_path / 'diverged')
+
+    maml, loader = make_meta(), ListLoader()
+
+    def interrupted_at_step_3():
+        if loader.calls == 2:
+            raise KeyboardInterrupt
+        return loader.next()
+    with pytest.raises(RunError, match='interrupted at step 3; resume with --resume') as interrupted:
+        fit(maml, loader, interrupted_at_step_3, lambda: maml.finetune(*loader.tasks).numpy(),
+            fit_args(tmp_path / 'interrupted', epoch=6))
+    reopen(tmp_path / 'interrupted')
+    with pytest.raises(RunError, match='already holds checkpoints of an earlier run') as refused:
+        run_fit(tmp_path / 'interrupted', epoch=6)
+    reopen(tmp_path / 'interrupted')
+
+    run = fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(),
+              fit_args(tmp_path / 'done', epoch=2))
+    with pytest.raises(RunError, match='Another run is writing to'):
+        reopen(tmp_path / 'done')   # fit hands the run over still locked, for report_test to write best.pth
+
+    def out_of_memory(best):
+        raise RuntimeError('out of memory on the test tasks')
+    with pytest.raises(RuntimeError, match='out of memory') as failed_report:
+        report_test(run, out_of_memory, 3, torch.device('cpu'))
+    reopen(tmp_path / 'done')
+    run = fit(maml, loader, loader.next, lambda: maml.finetune(*loader.tasks).numpy(),
+              fit_args(tmp_path / 'done', epoch=4, resume=str(tmp_path / 'done' / 'last.pth')))
+    report_test(run, lambda best: maml.finetune(*loader.tasks).numpy(), 3, torch.device('cpu'))
+    reopen(tmp_path / 'done')
+    assert 'test_acc' in load_checkpoint(str(tmp_path / 'done' / 'best.pth'))
+    assert all(raised.tb for raised in (diverged, interrupted, refused, failed_report)), 'alive until here'
 
 
 def test_preset_sets_the_experiment_and_explicit_flags_win():

@@ -1,11 +1,12 @@
 """Data-parallel training on two gloo ranks, spawned here as torchrun would start them, against one process."""
 import os
-import socket
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from conftest import TASKS, ListLoader, fit_args, flat, make_meta, make_tasks, rel_err
@@ -19,22 +20,26 @@ LIMIT_S = 300   # a rank waiting for one that never comes would otherwise hang t
 
 def run_ranks(worker, *args):
     """worker(rank, *args) in RANKS processes that join one process group through torchrun's
-    environment variables and distributed.init, as the training scripts do."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    ranks = mp.spawn(_as_rank, args=(port, worker, args), nprocs=RANKS, join=False)
+    environment variables and distributed.init, as the training scripts do. As under torchrun, the
+    ranks meet at a store this process hosts: its server binds a free port itself (a port found free
+    and let go could be taken before a rank binds it), and it outlives every rank."""
+    store = dist.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)
+    ranks = mp.spawn(_as_rank, args=(store.port, worker, args), nprocs=RANKS, join=False)
     deadline = time.monotonic() + LIMIT_S
-    while not ranks.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in ranks.processes:
+    try:
+        while not ranks.join(timeout=1):
+            if time.monotonic() > deadline:
+                pytest.fail(f'{RANKS} ranks did not finish within {LIMIT_S} s: some rank waits for another')
+    finally:   # however the wait ends, no rank outlives it
+        for process in ranks.processes:
+            if process.is_alive():
                 process.kill()
-            pytest.fail(f'{RANKS} ranks did not finish within {LIMIT_S} s: some rank waits for another')
+            process.join()
 
 
 def _as_rank(rank, port, worker, args):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(RANKS),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(RANKS))
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(RANKS), TORCHELASTIC_USE_AGENT_STORE='True')
     distributed.init('cpu')
     try:
         worker(rank, *args)
@@ -115,10 +120,11 @@ def rank_loader(rank):
 
 
 def fit_on(save_dir, epoch, loader, resume=None):
+    """Train as the scripts do, fit and then report_test (which closes the run on every rank)."""
     maml, eval_batch = make_meta(), make_tasks(9)
     validate = lambda: trainer.evaluate(maml, lambda: eval_batch, RANKS * TASKS)
-    trainer.fit(maml, loader, loader.next, validate,
-                fit_args(save_dir, epoch, resume, task_num=RANKS * TASKS)).close()
+    run = trainer.fit(maml, loader, loader.next, validate, fit_args(save_dir, epoch, resume, task_num=RANKS * TASKS))
+    trainer.report_test(run, lambda best: validate(), RANKS * TASKS, torch.device('cpu'))
     return [p.detach() for p in maml.net.parameters()]
 
 
@@ -164,12 +170,32 @@ def test_two_ranks_write_one_run_that_resumes_on_two_ranks_or_one(tmp_path):
     assert not [f for f in os.listdir(folder) if f.endswith('.tmp')]
     last = torch.load(folder / 'last.pth', weights_only=True)
     assert last['rank_samplers'] == [{'calls': 6}, {'calls': 106}] and last['sampler'] == {'calls': 6}
+    assert 'test_acc' in torch.load(folder / 'best.pth', weights_only=True), 'reported by rank 0'
     assert not os.path.exists(tmp_path / 'c' / 'last.pth')
 
     alone = rank_loader(0)   # the same run resumed by one process: rank 0's stream goes on
     fit_on(folder, 8, alone, resume=str(folder / 'last.pth'))
     assert alone.calls == 8 and [r['step'] for r in read_metrics(folder)] == ['2', '4', '6', '8']
     assert 'rank_samplers' not in torch.load(folder / 'last.pth', weights_only=True)
+
+
+def leave_worker(rank, out):
+    make_meta()   # its optimizer imports torch._dynamo, and with it torch.distributed.nn, as training does
+    distributed.gather_in_order([torch.ones(1)])
+    distributed.leave()
+    threads = [(task / 'comm').read_text().strip() for task in Path('/proc/self/task').iterdir()]
+    torch.save(threads, os.path.join(out, f'rank{rank}.pt'))
+
+
+def test_leaving_ends_the_groups_threads_before_the_interpreter_shuts_down(tmp_path):
+    """distributed.leave (run_main's last step) ends the group's threads then, rather than leave them
+    running into the interpreter's shutdown and the exit, where the ranks now and then aborted
+    ('terminate called without an active exception'): torch.distributed.nn, which Meta's optimizer
+    imports, held the group when it was first imported after the group existed."""
+    run_ranks(leave_worker, str(tmp_path))
+    for rank in range(RANKS):
+        threads = torch.load(tmp_path / f'rank{rank}.pt', weights_only=True)
+        assert not [t for t in threads if 'gloo' in t or 'tcpstore' in t], threads
 
 
 def test_a_collective_on_host_values_gets_them_on_the_ranks_device(monkeypatch):
