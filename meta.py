@@ -165,18 +165,19 @@ class Meta(nn.Module):
         means = one_hot.t() @ features / one_hot.sum(0).unsqueeze(1)
         return 2 * means, -means.square().sum(1)
 
-    def _task(self, theta, x_spt, y_spt, x_qry, y_qry, n_way, steps, query_at, graph_at, first_order, train):
+    def _task(self, theta, x_spt, y_spt, x_qry, y_qry, n_way, steps, inside, outside, graph_at, first_order, train):
         """One n_way-way task: `steps` SGD steps on the support loss from theta with the head set up
         for the task (`_head`; only the names in `self.adapted` move). The query loss and accuracy are
-        taken after each number of steps in `query_at`; those not in `graph_at` (the steps whose loss
+        taken after each number of steps in `inside`; those not in `graph_at` (the steps whose loss
         the meta-gradient does not use) without a graph. Returns (query losses, query accuracies,
         adapted weights, batch statistics of the support set after 0..steps-1 steps and of the query
-        set after `steps`)."""
+        set after `steps`, and the adapted weights after each number of steps in `outside`, stacked,
+        for the passes that `_report` takes)."""
         theta = dict(zip(self.head_names, self._head(theta, x_spt, y_spt, n_way, train)), **{
             name: p for name, p in theta.items() if name not in self.head_names})
         fast = {name: theta[name] for name in self.adapted}
         frozen = {name: p for name, p in theta.items() if name not in fast}
-        losses, accs, stats = [], [], []
+        losses, accs, stats, kept = [], [], [], []
 
         def support_loss(fast, version):
             logits, batch = self._forward({**frozen, **fast, **self.extras.bn_params(version)}, x_spt, version, train,
@@ -184,19 +185,43 @@ class Meta(nn.Module):
             return F.cross_entropy(logits, y_spt), batch
 
         for version in range(steps + 1):
-            if version in query_at:
+            if version in inside:
                 with torch.set_grad_enabled(torch.is_grad_enabled() and version in graph_at):
                     params = {**frozen, **fast, **self.extras.bn_params(version)}
                     logits, batch = self._forward(params, x_qry, version, train)
                     losses.append(F.cross_entropy(logits, y_qry))
                     accs.append((logits.argmax(-1) == y_qry).float().mean())
+            if version in outside:
+                kept.append({name: p.detach() for name, p in fast.items()})
             if version == steps:
-                return torch.stack(losses), torch.stack(accs), fast, stats + [batch]
+                kept = {name: torch.stack([weights[name] for weights in kept]) for name in fast} if kept else {}
+                return torch.stack(losses), torch.stack(accs), fast, stats + [batch], kept
             grads, batch = grad(support_loss, has_aux=True)(fast, version)
             stats.append(batch)
             if first_order:
                 grads = {name: g.detach() for name, g in grads.items()}
             fast = {name: p - self._lr(name, version, p) * grads[name] for name, p in fast.items()}
+
+    @torch.no_grad()
+    def _report(self, kept, versions, x_qry, y_qry, train):
+        """Query losses and accuracies [tasks, len(versions)] of the weights `kept` after each number
+        of steps in `versions` ({name: [tasks, len(versions), ...]}, the rest theta): the passes that
+        only report, without a graph. On the CPU task by task, whose dense convolutions took 0.6-0.7x
+        the time of the grouped ones that vmap makes (docs/speed.md); elsewhere under vmap."""
+        theta = {name: p.detach() for name, p in self.net.named_parameters()}
+
+        def task(weights, x, y):
+            losses, accs = [], []
+            for i, version in enumerate(versions):
+                params = {**theta, **{name: w[i] for name, w in weights.items()}, **self.extras.bn_params(version)}
+                logits = self._forward(params, x, version, train)[0]
+                losses.append(F.cross_entropy(logits, y))
+                accs.append((logits.argmax(-1) == y).float().mean())
+            return torch.stack(losses), torch.stack(accs)
+        if x_qry.device.type != 'cpu':
+            return vmap(task)(kept, x_qry, y_qry)
+        per_task = [task({name: w[t] for name, w in kept.items()}, x_qry[t], y_qry[t]) for t in range(len(x_qry))]
+        return tuple(torch.stack(parts) for parts in zip(*per_task))
 
     def _lr(self, name, version, p):
         """The inner learning rate of `name` at inner step `version`; Meta-SGD's per-weight rates of a
@@ -205,10 +230,20 @@ class Meta(nn.Module):
         return lr[:p.shape[0]] if torch.is_tensor(lr) and lr.dim() == p.dim() and name in self.head_names else lr
 
     def _batched(self, x_spt, y_spt, x_qry, y_qry, n_way, steps, query_at, graph_at, first_order, train):
+        """`_task` on every task under vmap: (query losses and accuracies [tasks, len(query_at)], adapted
+        weights, batch statistics). The query passes after `steps` and those the meta-gradient
+        differentiates (`graph_at`) run inside; the others, which only report, in `_report`."""
         theta = dict(self.net.named_parameters())
-        task = lambda *data: self._task(theta, *data, n_way, steps, query_at, graph_at, first_order, train)
+        inside = tuple(v for v in query_at if v == steps or v in graph_at)
+        outside = tuple(v for v in query_at if v not in inside)
+        task = lambda *data: self._task(theta, *data, n_way, steps, inside, outside, graph_at, first_order, train)
         with self._autocast(x_spt.device):
-            return vmap(task)(x_spt, y_spt, x_qry, y_qry)
+            losses, accs, adapted, stats, kept = vmap(task)(x_spt, y_spt, x_qry, y_qry)
+            if outside:
+                reported = self._report(kept, outside, x_qry, y_qry, train)
+                order = sorted(range(len(query_at)), key=(inside + outside).__getitem__)
+                losses, accs = (torch.cat([a, b], 1)[:, order] for a, b in zip((losses, accs), reported))
+        return losses, accs, adapted, stats
 
     def _autocast(self, device):
         """bf16 autocast with --amp; no context otherwise, so that Meta runs on any device (even 'meta')."""
@@ -290,7 +325,8 @@ class Meta(nn.Module):
         `predict` (or, without BNRS, `self.net(x, params=...)`)."""
         steps = self.update_step_test if steps is None else steps
         theta = {name: p.detach() for name, p in self.net.named_parameters()}
-        adapted = self._task(theta, x_spt, y_spt, x_spt, y_spt, n_way or self.n_way, steps, (steps,), (), True, False)[2]
+        adapted = self._task(theta, x_spt, y_spt, x_spt, y_spt, n_way or self.n_way, steps, (steps,), (), (), True,
+                             False)[2]
         return {**theta, **adapted, **self.extras.bn_params(steps)}
 
     def predict(self, x, weights, steps=None):

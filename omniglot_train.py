@@ -94,12 +94,12 @@ def main():
         print('note: checkpoints are ranked on the TEST characters (no validation split), so best.pth\'s '
               'accuracy is optimistic; use --val_classes 100 for an unbiased report.')
     k_eval = args.k_qry_test or args.k_qry
-    run = fit(maml, db, lambda: db.next('train'),
-              lambda: evaluate(maml, fixed_tasks(eval_db, split, k_eval), args.eval_tasks, f'{split} tasks'),
-              args, split=split)
-    if split == 'val':
-        report_test(run, lambda best: evaluate(Meta.from_state(best), fixed_tasks(eval_db, 'test', k_eval),
-                                               args.test_tasks, 'test tasks'), args.test_tasks, device)
+    with fit(maml, db, lambda: db.next('train'),
+             lambda: evaluate(maml, fixed_tasks(eval_db, split, k_eval), args.eval_tasks, f'{split} tasks'),
+             args, split=split) as run:
+        if split == 'val':
+            report_test(run, lambda best: evaluate(Meta.from_state(best), fixed_tasks(eval_db, 'test', k_eval),
+                                                   args.test_tasks, 'test tasks'), args.test_tasks, device)
 
 
 if __name__ == '__main__':

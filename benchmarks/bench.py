@@ -222,8 +222,8 @@ def flops_on(impl, maml, batch):
             params, steps = dict(maml.net.named_parameters()), maml.update_step
             first_order = maml.first_order or maml.algo == 'reptile'
             query_at = tuple(range(steps + 1)) if tracks(impl) else (steps,)
-            losses = [maml._task(params, *(t[i] for t in batch), maml.n_way, steps, query_at, (steps,), first_order,
-                                 True)[0][-1] for i in range(len(batch[0]))]
+            losses = [maml._task(params, *(t[i] for t in batch), maml.n_way, steps, query_at, (), (steps,),
+                                 first_order, True)[0][-1] for i in range(len(batch[0]))]
             torch.stack(losses).mean().backward()
     return counter.flops
 
