@@ -206,8 +206,8 @@ class Meta(nn.Module):
     def _report(self, kept, versions, x_qry, y_qry, train):
         """Query losses and accuracies [tasks, len(versions)] of the weights `kept` after each number
         of steps in `versions` ({name: [tasks, len(versions), ...]}, the rest theta): the passes that
-        only report, without a graph. On the CPU task by task, whose dense convolutions took 0.6-0.7x
-        the time of the grouped ones that vmap makes (docs/speed.md); elsewhere under vmap."""
+        only report, without a graph. On the CPU task by task, whose dense convolutions run faster
+        there than the grouped ones that vmap makes (docs/speed.md); elsewhere under vmap."""
         theta = {name: p.detach() for name, p in self.net.named_parameters()}
 
         def task(weights, x, y):
