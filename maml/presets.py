@@ -1,7 +1,7 @@
 """
 Every setting of every experiment, in one place: the defaults of the two training scripts (the
-seed's) and the paper's experiments as the official code ran them (cbfinn/maml README commands,
-60,000 meta-iterations each; see ../shared/REFERENCE.md).
+seed's) and the paper's experiments as the official code ran them (the commands of its README,
+github.com/cbfinn/maml: 60,000 meta-iterations each).
 
     python omniglot_train.py --preset paper-5w1s         # Table 1, Omniglot 5-way 1-shot
     python miniimagenet_train.py --preset paper-5w5s --meta_lr 5e-4   # explicit flags still win

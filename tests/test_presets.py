@@ -7,7 +7,7 @@ import omniglot_train
 from maml.flags import parse_args
 from maml.presets import PRESETS
 
-# cbfinn/maml README (../shared/REFERENCE.md): every command runs 60,000 meta-iterations; the
+# the commands of the official code's README (github.com/cbfinn/maml): every command runs 60,000 meta-iterations; the
 # official loss is n_way times a mean cross-entropy's, so update_lr here = official update_lr * n_way.
 OFFICIAL = {
     ('omniglot', 'paper-5w1s'): dict(meta_batch_size=32, num_classes=5, update_batch_size=1, update_lr=0.4,
