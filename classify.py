@@ -200,8 +200,8 @@ def main(argv=None):
     if flags.csv != '-' and flags.json != '-':
         head = f'{clf.maml.head} head' + (f' at test (trained with a {clf.trained_head} one)'
                                           if clf.maml.head != clf.trained_head else '')
-        print(f"{flags.checkpoint} adapted to {len(clf.classes)} classes of {flags.support} in {clf.steps} steps from a "
-              f"{head}, images as {clf.format.describe()}; {device_name(clf.device)}, torch {torch.__version__}")
+        print(f"{flags.checkpoint} adapted to {len(clf.classes)} classes of {flags.support} in {clf.steps} steps "
+              f"from a {head}, images as {clf.format.describe()}; {device_name(clf.device)}, torch {torch.__version__}")
         width = max(len(path) for path, *_ in rows)
         for path, label, p, _ in rows:
             print(f'{path:{width}}  {label}  {p:.3f}')

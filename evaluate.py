@@ -191,7 +191,8 @@ def main(argv=None):
     maml = load_model(ckpt, settings, flags.head)
     next_batch, which = task_sampler(settings, ckpt, flags.checkpoint, device, flags.split)
     shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query images per class'
-    print(f'{flags.checkpoint} ({checkpoint_step(ckpt)}): {settings.dataset} {shape}, {flags.tasks} {flags.split} tasks, '
+    print(f'{flags.checkpoint} ({checkpoint_step(ckpt)}): {settings.dataset} {shape}, {flags.tasks} {flags.split} '
+          f'tasks, '
           f'seed {settings.seed}, '
           f'{device_name(device)}, torch {torch.__version__}\ndata: {which}, as {checkpoint_format(ckpt).describe()}; '
           f'{describe_head(maml, ckpt)}')
@@ -208,7 +209,8 @@ def main(argv=None):
     if flags.json:
         result = dict(checkpoint=flags.checkpoint, dataset=settings.dataset, data=portable_path(settings.data),
                       classes=portable_path(which), split=flags.split, tasks=flags.tasks, head=maml.head,
-                      trained_head=ckpt['hparams'].get('head', 'learned'), n_way=settings.n_way, k_spt=settings.k_spt, k_qry_test=settings.k_qry_test,
+                      trained_head=ckpt['hparams'].get('head', 'learned'), n_way=settings.n_way, k_spt=settings.k_spt,
+                      k_qry_test=settings.k_qry_test,
                       update_step_test=settings.update_step_test, seed=settings.seed, ensemble=flags.ensemble,
                       preset=getattr(settings, 'preset', None), checkpoint_step=ckpt.get('step'),
                       checkpoint_of=(ckpt.get('args') or {}).get('epoch'),

@@ -98,8 +98,8 @@ class Meta(nn.Module):
                                     self.lslr, self.bnwb, self.bnrs)
         # the net's, then the extras'
         self.meta_optim = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.meta_lr)
-        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.meta_optim, self.total_steps, self.min_meta_lr)
-                          if self.cosine else None)
+        self.scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(self.meta_optim, self.total_steps,
+                                                                     self.min_meta_lr) if self.cosine else None)
         self.meta_steps_done = 0
         self.grad_reducer = None   # distributed.attach: averages the meta-gradient over ranks
         tune_cpu()
