@@ -192,10 +192,8 @@ def main(argv=None):
     next_batch, which = task_sampler(settings, ckpt, flags.checkpoint, device, flags.split)
     shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query images per class'
     print(f'{flags.checkpoint} ({checkpoint_step(ckpt)}): {settings.dataset} {shape}, {flags.tasks} {flags.split} '
-          f'tasks, '
-          f'seed {settings.seed}, '
-          f'{device_name(device)}, torch {torch.__version__}\ndata: {which}, as {checkpoint_format(ckpt).describe()}; '
-          f'{describe_head(maml, ckpt)}')
+          f'tasks, seed {settings.seed}, {device_name(device)}, torch {torch.__version__}\n'
+          f'data: {which}, as {checkpoint_format(ckpt).describe()}; {describe_head(maml, ckpt)}')
     if flags.ensemble > 1:
         members = [load_model(load_checkpoint(path, map_location=device), settings, flags.head)
                    for path in ensemble_members(flags.checkpoint, flags.ensemble)]
