@@ -42,6 +42,7 @@ import torch
 from maml.checkpoints import load_checkpoint
 from maml.devices import available_device, device_name, tune
 from maml.errors import DamagedError, FlagError, MissingError
+from maml.flags import HelpFormatter
 from maml.family import TEST_HEADS
 from maml.folder import LAYOUTS_HELP, checkpoint_format, counted, find_classes, listing, not_images_note, walk
 from maml.imagecache import UNREADABLE, normalize, undecodable
@@ -176,7 +177,7 @@ def write(rows, classes, path, kind):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('checkpoint', help='a .pth written by one of the training scripts')
     p.add_argument('queries', nargs='+', metavar='QUERY', help='image files, or folders of images, to classify')
     p.add_argument('--support', required=True, help='a folder with one folder of images per class, or of images '

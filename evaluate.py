@@ -29,6 +29,7 @@ import omniglot_train
 from maml.checkpoints import RANKED, load_checkpoint, portable_path
 from maml.devices import available_device, device_name, tune
 from maml.errors import FlagError, MissingError
+from maml.flags import HelpFormatter
 from maml.family import TEST_HEADS
 from maml.folder import ImageFolder, checkpoint_format
 from maml.presets import DEFAULTS
@@ -156,7 +157,7 @@ def ensemble_accuracy(members, next_batch, n_tasks):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('checkpoint', help='a .pth written by omniglot_train.py, miniimagenet_train.py or folder_train.py')
     p.add_argument('--data', help="data root (default: the checkpoint's, else the training script's DATA_ROOT); "
                                   "a folder of images that is not the checkpoint's data set: its test/ or test.csv "

@@ -34,6 +34,7 @@ import torch
 
 from maml.checkpoints import atomic_save, load_checkpoint, portable_path, read_metrics
 from maml.errors import FlagError, RunError
+from maml.flags import HelpFormatter
 from maml.presets import PRESETS
 from maml.trainer import format_duration, run_main
 
@@ -269,7 +270,7 @@ def split_at_dashes(argv):
 def main(argv=None):
     argv, extra = split_at_dashes(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('experiment', nargs='?', help="dataset/preset (e.g. omniglot/paper-20w1s) or 'next'; "
                                                  "none: print where each experiment stands")
     p.add_argument('--minutes', type=float, help='training time of this part (default: to the end)')

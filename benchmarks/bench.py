@@ -79,6 +79,7 @@ import miniimagenet_train
 import omniglot_train
 from maml.devices import available_device, device_name, tune
 from maml.errors import FlagError
+from maml.flags import HelpFormatter
 from maml.folder import read_split
 from maml.presets import DEFAULTS, PRESETS
 from maml.trainer import run_main
@@ -373,7 +374,7 @@ def parse_flags(argv=None):
     """The command line's flags; --workloads and --impls resolved to lists of names: those given
     ('all': every one), else --quick's small set, else every one."""
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
                    help='torch device to time on: cpu, cuda, cuda:1, ...')
     p.add_argument('--quick', action='store_true',

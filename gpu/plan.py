@@ -52,6 +52,7 @@ import reproduce
 from carry import MINI_SAMPLE
 from maml.devices import available_device, device_name
 from maml.errors import FlagError, MissingError, UserError
+from maml.flags import HelpFormatter
 from maml.trainer import format_duration, run_main
 from omniglotNShot import load_images
 
@@ -333,7 +334,7 @@ def parse_flags(argv):
     """The plan's flags, checked before anything runs (its data is checked in main)."""
     argv, train_flags = reproduce.split_at_dashes(argv)
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--out', required=True, help='folder of the report (JSON and log) and of the export pieces')
     p.add_argument('--minutes', type=float, default=9, help='the whole plan, all stages')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')

@@ -31,10 +31,19 @@ MACHINE = {'device', 'compile', 'amp', 'resume', 'save_dir', 'time_budget', 'cac
 MIN_IMGSZ = 16   # both networks halve the image four times
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends a flag's default to its help unless there is none or the help already states it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or '(default' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser(description, dataset, data_root):
     """The flags both scripts take, with `dataset`'s defaults from presets.py."""
     p = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument('--preset', choices=sorted(PRESETS[dataset]),
                    help="all settings of one of the paper's experiments (presets.py); explicit flags override")
     p.add_argument('--epoch', type=int, help='meta-training steps')

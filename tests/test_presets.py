@@ -1,4 +1,6 @@
 """The paper presets are the official code's README commands, translated by the rules of maml/presets.py."""
+import re
+
 import pytest
 
 import folder_train
@@ -55,3 +57,11 @@ def test_every_preset_parses_and_passes_the_flag_checks(dataset, script):
         args = parse_args(parser, dataset, ['--preset', name])
         assert all(getattr(args, flag) == value for flag, value in preset.items())
         assert set(preset) <= {action.dest for action in parser._actions}, 'a preset sets only known flags'
+
+
+@pytest.mark.parametrize('script', [omniglot_train, miniimagenet_train, folder_train])
+def test_help_states_each_default_once_and_never_none(script):
+    text = script.build_parser().format_help()
+    assert '(default: None)' not in text and '(default: False)' not in text
+    assert not any(flag.count('(default') > 1 for flag in re.split(r'\n  -', text)), 'a default stated twice'
+    assert '(default: 500)' in ' '.join(text.split()), "a flag's default is still stated"
