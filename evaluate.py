@@ -191,7 +191,7 @@ def main(argv=None):
     settings = settings_of(ckpt, flags.checkpoint, flags)
     maml = load_model(ckpt, settings, flags.head)
     next_batch, which = task_sampler(settings, ckpt, flags.checkpoint, device, flags.split)
-    shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query images per class'
+    shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query image{"s" * (settings.k_qry_test != 1)} per class'
     print(f'{flags.checkpoint} ({checkpoint_step(ckpt)}): {settings.dataset} {shape}, {flags.tasks} {flags.split} '
           f'tasks, seed {settings.seed}, {device_name(device)}, torch {torch.__version__}\n'
           f'data: {which}, as {checkpoint_format(ckpt).describe()}; {describe_head(maml, ckpt)}')
