@@ -41,3 +41,11 @@ def test_the_notebook_runs_and_measures_what_evaluate_and_classify_measure(omnig
     assert printed['folder'] == labels
     right = sum(label == name[:-len('.png')].split('-')[1] for name, label in labels.items())
     assert right >= 12, f'{right} of 20 drawings of new characters right; chance is 4'
+
+    many = folder / 'all_of_one_alphabet'
+    classes = len(os.listdir(many / 'support'))
+    proto = FewShotClassifier(CHECKPOINT, head='proto').adapt(many / 'support')
+    labels = {os.path.basename(path): label for path, label, _, _ in proto.classify([many / 'queries'])}
+    assert printed['many'] == labels and classes > 5, 'more characters than the learned head has rows'
+    right = sum(label == name[:-len('.png')].split('-')[1] for name, label in labels.items())
+    assert right >= len(labels) // 2, f'{right} of {len(labels)} drawings of {classes} characters right'
