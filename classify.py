@@ -42,8 +42,8 @@ import torch
 from maml.checkpoints import load_checkpoint
 from maml.devices import available_device, device_name, tune
 from maml.errors import DamagedError, FlagError, MissingError
-from maml.flags import HelpFormatter
 from maml.family import TEST_HEADS
+from maml.flags import HelpFormatter
 from maml.folder import LAYOUTS_HELP, checkpoint_format, counted, find_classes, listing, not_images_note, walk
 from maml.imagecache import UNREADABLE, normalize, undecodable
 from maml.presets import DEFAULTS

@@ -29,8 +29,8 @@ import omniglot_train
 from maml.checkpoints import RANKED, load_checkpoint, portable_path
 from maml.devices import available_device, device_name, tune
 from maml.errors import FlagError, MissingError
-from maml.flags import HelpFormatter
 from maml.family import TEST_HEADS
+from maml.flags import HelpFormatter
 from maml.folder import ImageFolder, checkpoint_format
 from maml.presets import DEFAULTS
 from maml.trainer import EVAL_SEED, evaluate, format_accs, mean_ci, run_main
@@ -191,7 +191,8 @@ def main(argv=None):
     settings = settings_of(ckpt, flags.checkpoint, flags)
     maml = load_model(ckpt, settings, flags.head)
     next_batch, which = task_sampler(settings, ckpt, flags.checkpoint, device, flags.split)
-    shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query image{"s" * (settings.k_qry_test != 1)} per class'
+    images = 'image' if settings.k_qry_test == 1 else 'images'
+    shape = f'{settings.n_way}-way {settings.k_spt}-shot, {settings.k_qry_test} query {images} per class'
     print(f'{flags.checkpoint} ({checkpoint_step(ckpt)}): {settings.dataset} {shape}, {flags.tasks} {flags.split} '
           f'tasks, seed {settings.seed}, {device_name(device)}, torch {torch.__version__}\n'
           f'data: {which}, as {checkpoint_format(ckpt).describe()}; {describe_head(maml, ckpt)}')
